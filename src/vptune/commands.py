@@ -1,0 +1,140 @@
+"""What each ``vptune`` subcommand does; argument parsing lives in :mod:`vptune.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .backbones import load_backbone
+from .config import from_dict
+from .data import Preprocess, decode_image, eval_view, load_split, normalize, open_task
+from .engine import TrainConfig, evaluate as evaluate_model, fit, resolve_device
+from .methods import build
+from .prompts import PromptConfig
+from .report import file_bytes, human_bytes, markdown_table, task_summary
+from .taskfile import WEIGHTS, load_task, read_record, save_task
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train one task: flags override --config, which overrides the defaults; the resolved config is saved."""
+    from .cli import resolve_run_config, write_resolved
+
+    resolved = resolve_run_config(args)
+    prompt = from_dict(PromptConfig, resolved["prompt"], where="prompt options")
+    config = from_dict(TrainConfig, resolved["train"], where="train options")
+    task = open_task(resolved["data"])
+    backbone = load_backbone(resolved["backbone"])
+    model = build(resolved["method"], backbone, len(task.classes), prompt, resolved["image_size"], seed=config.seed)
+    resolved["image_size"] = model.image_size
+    write_resolved(resolved, model.prompt_config, config)
+    out = Path(resolved["out"])
+    metrics = fit(model, task, config, out_dir=out)
+    save_task(model, out, classes=task.classes, data=task, metrics=metrics)
+    print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Score a trained task folder on a split of its task (or of --data)."""
+    model = _load(args)
+    task = open_task(args.data or model.record.get("data", {}).get("path") or _no_data(args.run_dir))
+    dataset = load_split(task, args.split, model.image_size)
+    device = resolve_device("auto")
+    scores = evaluate_model(model.to(device), dataset, device=device)
+    result = {"run": args.run_dir, "data": str(task.root), "split": args.split, **scores}
+    print(json.dumps(result) if args.json else f"{task.name} {args.split}: accuracy {scores['accuracy']:.4f} "
+          f"({scores['count']} images), loss {scores['loss']:.4f}")
+    return 0
+
+
+def _no_data(run_dir: str) -> str:
+    raise ValueError(f"{run_dir} records no task data: pass --data NAME_OR_FOLDER")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Top-k class names and probabilities for each image."""
+    model = _load(args)
+    prep = model.record["preprocessing"]
+    preprocess = Preprocess(prep["image_size"], prep.get("protocol", "vtab"))
+    answers = []
+    for image in args.images:
+        pixels = eval_view(decode_image(Path(image), preprocess), preprocess).unsqueeze(0)
+        with torch.no_grad():
+            probs = model(normalize(pixels, prep["mean"], prep["std"])).softmax(dim=-1)[0]
+        top = probs.topk(min(args.top_k, probs.numel()))
+        labels = [{"class": model.classes[i], "label": int(i), "probability": round(float(p), 6)}
+                  for p, i in zip(top.values, top.indices, strict=True)]
+        answers.append({"image": image, "top": labels})
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    for answer in answers if not args.json else []:
+        best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in answer["top"])
+        print(f"{answer['image']}: {best}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Method, trainable parameters and their share of the backbone, file bytes, backbone, metrics."""
+    record = read_record(args.run_dir)
+    summary = task_summary(record, Path(args.run_dir))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    backbone = load_backbone(args.backbone) if args.backbone else None
+    model = load_task(args.run_dir, backbone=backbone, allow_other_backbone=args.allow_other_backbone)
+    return model.to(resolve_device("auto"))
+
+
+# Per-method settings of the demo: a short schedule that fits ~10 minutes on a 2-core CPU at 112x112.
+DEMO_METHODS: dict[str, tuple[dict, dict]] = {
+    "linear": ({}, {"epochs": 5, "warmup_epochs": 1, "base_lr": 0.05}),
+    "vpt-shallow": ({"num_tokens": 10}, {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}),
+    "vpt-deep": ({"num_tokens": 10, "dropout": 0.1, "deep": True}, {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}),
+}
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Train linear, VPT-Shallow and VPT-Deep on eurosat (train800val200 -> test) and print one table."""
+    task = open_task(args.data)
+    backbone = load_backbone(args.backbone)
+    rows = []
+    for method, (prompt_options, train_options) in DEMO_METHODS.items():
+        if args.epochs:
+            train_options = {**train_options, "epochs": args.epochs}
+        config = TrainConfig(batch_size=32, weight_decay=1e-4, train_split="trainval", val_split=None, **train_options)
+        prompt = PromptConfig(**prompt_options) if prompt_options else None
+        model = build(method, backbone, len(task.classes), prompt, args.image_size, seed=config.seed)
+        print(f"[demo] {method}: {config.epochs} epochs at {args.image_size}x{args.image_size} on {task.name}")
+        start = time.perf_counter()
+        metrics = fit(model, task, config, out_dir=Path(args.out) / method)
+        folder = save_task(model, Path(args.out) / method, classes=task.classes, data=task, metrics=metrics)
+        rows.append(_demo_row(method, model, backbone, folder, metrics, time.perf_counter() - start))
+    print()
+    print(f"{task.name}, {args.image_size}x{args.image_size}, backbone {backbone.spec}; train800val200 -> test")
+    print(markdown_table(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _demo_row(method, model, backbone, folder: Path, metrics: dict, seconds: float) -> dict:
+    trainable = model.num_trainable()
+    return {
+        "method": method,
+        "trainable params": f"{trainable:,}",
+        "% of backbone": f"{100 * trainable / backbone.num_parameters():.3f}%",
+        "task file": human_bytes(file_bytes(folder)),
+        "test accuracy": f"{100 * metrics['test_accuracy']:.2f}",
+        "train+eval time": f"{seconds:.0f} s",
+    }

@@ -1,0 +1,419 @@
+"""Task data: three on-disk layouts, split reading, and an in-memory uint8 image cache.
+
+Layouts (``SPLITS`` maps to):
+
+* ``vtab``: ``train800.txt`` / ``val200.txt`` / ``train800val200.txt`` / ``test.txt``, lines ``images/<file> <label>``.
+* ``fgvc``: ``train.json`` / ``val.json`` / (both) / ``test.json``, each ``{"images/<file>": label}``.
+* ``imagefolder``: ``train/`` / ``val/`` / (``train/`` + ``val/``) / ``test/``, one sub-folder per class.
+
+Images are decoded once, resized to a stored square and kept as uint8; normalisation happens later, on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "trainval", "test")
+PROTOCOLS = ("vtab", "fgvc")
+SPLIT_SOURCES = {
+    "vtab": {
+        "train": ("train800.txt",),
+        "val": ("val200.txt",),
+        "trainval": ("train800val200.txt",),
+        "test": ("test.txt",),
+    },
+    "fgvc": {
+        "train": ("train.json",),
+        "val": ("val.json",),
+        "trainval": ("train.json", "val.json"),
+        "test": ("test.json",),
+    },
+    "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)},
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+MAX_BAD_FRACTION = 0.01  # more unreadable images than this and the split is refused, not silently shrunk
+PROGRESS_MIN_IMAGES = 200
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class DataError(ValueError):
+    """Bad or missing task data; the message names the file and how to fix it."""
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in file order (duplicates kept)."""
+
+
+def data_home() -> Path:
+    """Folder holding the task directories: ``$VPTUNE_DATA``, else ``<repo>/../shared/data``."""
+    if env := os.environ.get("VPTUNE_DATA"):
+        return Path(env).expanduser()
+    beside_repo = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return beside_repo if beside_repo.is_dir() else Path.cwd() / ".." / "shared" / "data"
+
+
+def resolve_data(name_or_path: str | os.PathLike) -> Path:
+    """Find a task directory.
+
+    Args:
+        name_or_path: An existing path (used as is) or a bare task name looked up in ``data_home()``.
+
+    Returns:
+        The absolute task directory.
+
+    Raises:
+        DataError: Nothing found; the message lists what was tried.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path.resolve()
+    home, tried = data_home(), [str(path)]
+    if len(path.parts) == 1:
+        if (home / path).exists():
+            return (home / path).resolve()
+        tried.append(str(home / path))
+    known = sorted(p.name for p in home.iterdir() if p.is_dir()) if home.is_dir() else []
+    raise DataError(
+        f"no task data {str(name_or_path)!r}: tried {', '.join(tried)}. Pass the path of a task directory, or set "
+        f"VPTUNE_DATA to the folder holding task directories (now {home}; tasks there: {known or 'none'})."
+    )
+
+
+def detect_layout(root: Path) -> str:
+    """Tell which layout a task directory uses: ``"vtab"``, ``"fgvc"`` or ``"imagefolder"``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"task directory {root} does not exist or is not a directory")
+    for layout, splits in SPLIT_SOURCES.items():
+        names = {name for sources in splits.values() for name in sources}
+        if any((root / name).exists() for name in names) and (layout != "imagefolder" or (root / "train").is_dir()):
+            return layout
+    raise DataError(
+        f"cannot tell the layout of {root}: expected train800.txt/val200.txt/train800val200.txt/test.txt (vtab), "
+        "train.json/val.json/test.json (fgvc) or train/, val/, test/ folders of class folders (imagefolder)."
+    )
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task directory, its layout and its class names (index = label)."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+
+def open_task(name_or_path: str | os.PathLike) -> TaskData:
+    """Resolve a task, detect its layout and read its class names."""
+    root = resolve_data(name_or_path)
+    layout = detect_layout(root)
+    classes = _read_classes(root, layout)
+    if not classes:
+        raise DataError(f"no classes found in {root}: add classes.txt or class folders under {root / 'train'}")
+    return TaskData(root=root, layout=layout, classes=classes, name=root.name)
+
+
+def _read_classes(root: Path, layout: str) -> list[str]:
+    path = root / "classes.txt"
+    if path.is_file():
+        classes = path.read_text(encoding="utf-8").rstrip().splitlines()
+        if not classes:
+            raise DataError(f"{path} is empty: write one class name per line (line i = name of label i)")
+        return [c.strip() for c in classes]
+    if layout == "imagefolder":
+        return sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    sources = {name for names in SPLIT_SOURCES[layout].values() for name in names}
+    labels = [
+        label for name in sorted(sources) if (root / name).is_file() for _, label, _ in _read_entries(root / name)
+    ]
+    if not labels:
+        raise DataError(f"no labels found in {root}: add classes.txt or non-empty split files")
+    return [str(i) for i in range(max(labels) + 1)]
+
+
+def _read_entries(path: Path) -> list[tuple[str, int, str]]:
+    """(relative image path, label, "file:line") for every entry of a list or JSON split file."""
+    if not path.is_file():
+        raise DataError(f"split file {path} is missing: create it, or choose a split that exists")
+    text = path.read_text(encoding="utf-8")
+    return _read_json(path, text) if path.suffix == ".json" else _read_list(path, text)
+
+
+def _read_list(path: Path, text: str) -> list[tuple[str, int, str]]:
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(maxsplit=1)
+        try:
+            entries.append((parts[0], int(parts[1]), f"{path}:{lineno}"))
+        except (IndexError, ValueError):
+            raise DataError(f"{path}:{lineno}: expected '<image path> <integer label>', got {line!r}") from None
+    return entries
+
+
+def _read_json(path: Path, text: str) -> list[tuple[str, int, str]]:
+    try:
+        pairs = json.loads(text, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as err:
+        raise DataError(f'{path}:{err.lineno}: invalid JSON ({err.msg}); expected {{"images/<file>": label}}') from err
+    if not isinstance(pairs, _Pairs):
+        raise DataError(f'{path}: expected a JSON object {{"images/<file>": label}}, got {type(pairs).__name__}')
+    entries, cursor, lineno = [], 0, 1
+    for rel, label in pairs:
+        found = text.find(json.dumps(rel), cursor)  # keys come in file order: one pass finds every line number
+        if found >= 0:
+            lineno, cursor = lineno + text.count("\n", cursor, found), found
+        where = f"{path}:{lineno}" if found >= 0 else str(path)
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise DataError(f"{where}: label of {rel!r} must be an integer, got {label!r}")
+        entries.append((rel, label, where))
+    return entries
+
+
+def _read_folder(folder: Path, classes: list[str]) -> list[tuple[str, int, str]]:
+    if not folder.is_dir():
+        raise DataError(f"split folder {folder} is missing: create it with one sub-folder per class")
+    index = {name: i for i, name in enumerate(classes)}
+    entries = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if class_dir.name not in index:
+            raise DataError(f"class folder {class_dir} is not a class of the task (classes: {classes}); rename it")
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        entries += [(str(p), index[class_dir.name], str(class_dir)) for p in files if not p.name.startswith(".")]
+    return entries
+
+
+def read_split(task: TaskData, split: str) -> list[tuple[Path, int]]:
+    """List a split's images.
+
+    Args:
+        task: The task, from ``open_task``.
+        split: One of ``SPLITS``.
+
+    Returns:
+        ``(absolute image path, label)`` pairs in file order.
+
+    Raises:
+        DataError: Unknown split, missing or malformed split file, label outside ``0..C-1``, or an empty split.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    root = task.root.absolute()
+    items = []
+    for source in SPLIT_SOURCES[task.layout][split]:
+        if task.layout == "imagefolder":
+            entries = _read_folder(root / source, task.classes)
+        else:
+            entries = _read_entries(root / source)
+        for rel, label, where in entries:
+            if not 0 <= label < task.num_classes:
+                raise DataError(
+                    f"{where}: label {label} outside 0..{task.num_classes - 1} ({task.num_classes} classes in "
+                    f"{root / 'classes.txt'}); fix the label or add the class"
+                )
+            items.append((root / rel, label))
+    if not items:
+        raise DataError(f"split {split!r} of {root} lists no images ({', '.join(SPLIT_SOURCES[task.layout][split])})")
+    return items
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model input.
+
+    Attributes:
+        image_size: Side of the square model input.
+        protocol: ``"vtab"``: square resize, no augmentation. ``"fgvc"``: resize the shorter side to
+            ``round(image_size * 256 / 224)``, then random crop + horizontal flip (train) or centre crop (eval).
+    """
+
+    image_size: int
+    protocol: str = "vtab"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise DataError(f"unknown preprocessing protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        if self.image_size < 1:
+            raise DataError(f"image_size must be positive, got {self.image_size}")
+
+    @property
+    def stored_size(self) -> int:
+        """Side of the square the decoded image is cached at."""
+        return self.image_size if self.protocol == "vtab" else round(self.image_size * 256 / 224)
+
+
+def decode_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    """Decode an image into its stored form: uint8 ``(3, S, S)`` with ``S = preprocess.stored_size``.
+
+    Raises:
+        DataError: The file is missing or not a readable image.
+    """
+    size = preprocess.stored_size
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except _DECODE_ERRORS as err:
+        raise DataError(f"cannot read image {path}: {err}. Replace the file or remove it from the split") from err
+    if preprocess.protocol == "vtab":
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    else:
+        image = _resize_shorter_side(image, size)
+        left, top = round((image.width - size) / 2), round((image.height - size) / 2)
+        image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width <= height:
+        new_size = (size, int(size * height / width))  # int() as torchvision's Resize(int)
+    else:
+        new_size = (int(size * width / height), size)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def eval_view(stored: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """Centre crop a stored image (or batch) to ``image_size``; identity when already that size."""
+    size, height, width = preprocess.image_size, stored.shape[-2], stored.shape[-1]
+    if height < size or width < size:
+        raise DataError(
+            f"stored image {height}x{width} is smaller than image_size {size}; decode it with this Preprocess"
+        )
+    top, left = round((height - size) / 2), round((width - size) / 2)
+    return stored[..., top : top + size, left : left + size]
+
+
+class ImageDataset(Dataset):
+    """Images decoded once into a uint8 cache; yields ``(uint8 (3, image_size, image_size), label)``.
+
+    With ``preload`` every image is decoded up front; unreadable ones are warned about and dropped, and more than
+    ``MAX_BAD_FRACTION`` of them raises ``DataError``. Without it images are decoded on first access and an unreadable
+    one raises. Training views (fgvc protocol) draw from the dataset's own generator: use ``num_workers=0`` in a
+    DataLoader (the data is in memory anyway) so that the random crops and flips follow ``set_seed``.
+    """
+
+    def __init__(
+        self,
+        items: list[tuple[Path, int]],
+        preprocess: Preprocess,
+        train: bool = False,
+        preload: bool = True,
+        seed: int = 0,
+        num_workers: int = 2,
+    ) -> None:
+        self.items = [(Path(path), int(label)) for path, label in items]
+        self.labels = [label for _, label in self.items]
+        self.preprocess = preprocess
+        self.train = train
+        self.num_workers = num_workers
+        self.generator = torch.Generator()
+        self.set_seed(seed)
+        self._stored: list[torch.Tensor | None] = [None] * len(self.items)
+        if preload:
+            self.preload(num_workers)
+
+    def set_seed(self, seed: int) -> None:
+        """Reseed the crops and flips of training views."""
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        stored = self._stored[index]
+        if stored is None:
+            stored = self._stored[index] = decode_image(self.items[index][0], self.preprocess)
+        return self._view(stored), self.labels[index]
+
+    def _view(self, stored: torch.Tensor) -> torch.Tensor:
+        if not (self.train and self.preprocess.protocol == "fgvc"):
+            return eval_view(stored, self.preprocess).clone()
+        size, room = self.preprocess.image_size, stored.shape[-1] - self.preprocess.image_size
+        top, left = torch.randint(0, room + 1, (2,), generator=self.generator).tolist()
+        crop = stored[:, top : top + size, left : left + size]
+        flip = bool(torch.rand((), generator=self.generator) < 0.5)
+        return crop.flip(-1) if flip else crop.clone()
+
+    def preload(self, num_workers: int | None = None) -> None:
+        """Decode every image not cached yet (threads), dropping unreadable ones with a warning."""
+        todo = [i for i, stored in enumerate(self._stored) if stored is None]
+        if not todo:
+            return
+        workers = max(1, self.num_workers if num_workers is None else num_workers)
+        bar = tqdm(
+            total=len(todo), desc="decoding images", unit="img", leave=False, disable=len(todo) <= PROGRESS_MIN_IMAGES
+        )
+        errors: dict[int, DataError] = {}
+        with bar, ThreadPool(workers) as pool:
+            for index, result in pool.imap(self._try_decode, todo, chunksize=8):
+                if isinstance(result, DataError):
+                    errors[index] = result
+                else:
+                    self._stored[index] = result
+                bar.update()
+        if errors:
+            self._drop(errors)
+
+    def _try_decode(self, index: int) -> tuple[int, torch.Tensor | DataError]:
+        try:
+            return index, decode_image(self.items[index][0], self.preprocess)
+        except DataError as err:
+            return index, err
+
+    def _drop(self, errors: dict[int, DataError]) -> None:
+        if len(errors) > MAX_BAD_FRACTION * len(self.items):
+            first = "; ".join(str(self.items[i][0]) for i in sorted(errors)[:5])
+            raise DataError(
+                f"{len(errors)} of {len(self.items)} images are unreadable (more than {MAX_BAD_FRACTION:.0%}), "
+                f"first: {first}. Check the task directory; re-extract or replace these files"
+            )
+        for err in errors.values():
+            warnings.warn(f"{err}; dropped from the dataset", stacklevel=3)
+        keep = [i for i in range(len(self.items)) if i not in errors]
+        self.items = [self.items[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self._stored = [self._stored[i] for i in keep]
+
+
+def load_split(
+    task: TaskData,
+    split: str,
+    image_size: int,
+    train: bool = False,
+    preload: bool = True,
+    seed: int = 0,
+    num_workers: int = 2,
+) -> ImageDataset:
+    """Read a split and wrap it in an ``ImageDataset`` with the task's protocol (fgvc layout -> fgvc protocol)."""
+    preprocess = Preprocess(image_size, "fgvc" if task.layout == "fgvc" else "vtab")
+    return ImageDataset(
+        read_split(task, split), preprocess, train=train, preload=preload, seed=seed, num_workers=num_workers
+    )
+
+
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Scale uint8 images ``(..., 3, H, W)`` to float32 ``(x / 255 - mean) / std`` on their own device."""
+    if len(mean) != images_uint8.shape[-3] or len(std) != images_uint8.shape[-3]:
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {images_uint8.shape[-3]} channels")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
+    return (images_uint8.to(torch.float32) / 255 - mean_t) / std_t

@@ -1,0 +1,212 @@
+"""Visual prompts: the configuration and the module that inserts them, for every variant of the paper.
+
+Prompt tensors carry a leading task dimension T (1 for a single task), so a batch can pick each sample's
+prompts by a task index; that is the path a multi-task model serves many tasks in one batch through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone
+from .config import option
+
+LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")
+READOUTS = ("cls", "image", "prompt", "all")
+INITS = ("xavier", "normal", "zeros")
+PIXEL_LOCATIONS = ("prepend-pixel", "concat-channel")
+
+
+@dataclass
+class PromptConfig:
+    """Where, how many and how prompts enter the frozen backbone (VPT.md, "Exact mechanism" and "Variants")."""
+
+    num_tokens: int = option(10, "prompt tokens p per prompted layer; 0 disables prompts", short="p")
+    deep: bool = option(False, "VPT-Deep: fresh prompts at every prompted layer, replacing the previous outputs")
+    layers: list[int] | None = option(
+        None, "0-based blocks that get prompts, negative = from the end; CLI: 0,1,2 or first:3 or last:3"
+    )
+    shared: bool = option(False, "one prompt set reused by every prompted layer")
+    dropout: float = option(0.0, "dropout on the prompt tokens (the released configs: 0.1 deep, 0.0 shallow)")
+    init: str = option("xavier", "xavier = uniform(-v, v), v = sqrt(6/(3*s*s + d)); normal; zeros", choices=INITS)
+    project: int = option(0, "store prompts at width k and map them to d with a trainable Linear(k, d); 0 = off")
+    location: str = option("prepend", "prepend | add | prepend-pixel | concat-channel", choices=LOCATIONS)
+    readout: str = option("cls", "head input: cls token, or the mean of image, prompt or all outputs", choices=READOUTS)
+    drop_after: bool = option(False, "remove the prompt tokens after the last prompted layer")
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = [int(layer) for layer in self.layers]
+        _check(isinstance(self.num_tokens, int) and self.num_tokens >= 0, "num_tokens must be an integer >= 0")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.project >= 0, f"project must be >= 0 (0 = off), got {self.project}")
+        for name, value, allowed in (
+            ("init", self.init, INITS),
+            ("location", self.location, LOCATIONS),
+            ("readout", self.readout, READOUTS),
+        ):
+            _check(value in allowed, f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if self.layers is not None:
+            _check(len(self.layers) > 0, "layers is empty: give at least one block index, or leave it unset")
+            _check(len(set(self.layers)) == len(self.layers), f"layers has repeated blocks: {self.layers}")
+            _check(self.deep or len(self.layers) == 1, "several layers need deep=True (shallow prompts one block)")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        token_prompts = self.location in ("prepend", "prepend-pixel")
+        if self.readout == "prompt":
+            _check(token_prompts and self.num_tokens > 0, "readout 'prompt' needs prepended prompt tokens")
+            _check(not self.drop_after, "readout 'prompt' cannot read prompts that drop_after removed")
+        if self.location in PIXEL_LOCATIONS:
+            _check(not self.deep and self.layers in (None, [0]), f"location {self.location!r} prompts the input only")
+            _check(self.project == 0, f"location {self.location!r} lives in pixel space: project does not apply")
+        _check(not self.drop_after or token_prompts, "drop_after applies to prepended prompt tokens only")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any prompt is inserted."""
+        return self.num_tokens > 0
+
+    def prompted_layers(self, depth: int) -> list[int]:
+        """The 0-based blocks that receive prompts, for a backbone of ``depth`` blocks."""
+        if self.layers is None:
+            return list(range(depth)) if self.deep else [0]
+        resolved = sorted(layer + depth if layer < 0 else layer for layer in self.layers)
+        bad = [layer for layer in self.layers if not -depth <= layer < depth]
+        _check(not bad, f"layers {bad} out of range for a backbone of depth {depth} (valid: 0..{depth - 1})")
+        return resolved
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"PromptConfig: {message}")
+
+
+def xavier_bound(patch_size: int, width: int) -> float:
+    """The paper's init bound sqrt(6 / (3*s*s + d)) (Xavier-uniform with the patch embedding's fan-in)."""
+    return math.sqrt(6.0 / (3 * patch_size * patch_size + width))
+
+
+class Prompts(nn.Module):
+    """Learnable prompts for one or more tasks, inserted into a frozen :class:`Backbone`.
+
+    ``embeddings`` has shape (T, S, n, k): T tasks, S prompt sets (1 when shared, else one per prompted
+    layer), n tokens (p for prepend; every token for add; C*s*s pixels per patch for prepend-pixel; H*W for
+    concat-channel), k the stored width.
+    """
+
+    def __init__(
+        self,
+        config: PromptConfig,
+        backbone: Backbone,
+        image_size: int,
+        num_tasks: int = 1,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.layers = config.prompted_layers(backbone.depth)
+        self.image_size = image_size
+        self.num_prefix = backbone.num_prefix_tokens
+        self.patch_size = backbone.patch_size
+        sets = 1 if config.shared else len(self.layers)
+        self.embeddings = nn.Parameter(torch.empty(num_tasks, sets, *self._shape(backbone)))
+        self.proj = nn.Linear(config.project, backbone.width) if config.project else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.channel_kernel = None
+        if config.location == "concat-channel":
+            kernel = backbone.patch_embed.weight.detach().mean(dim=1, keepdim=True).flatten(1)
+            self.channel_kernel = nn.Parameter(kernel.unsqueeze(0).repeat(num_tasks, 1, 1).clone())
+        self.reset_parameters(backbone, generator)
+
+    def _shape(self, backbone: Backbone) -> tuple[int, int]:
+        location, width = self.config.location, self.config.project or backbone.width
+        if location == "add":
+            return backbone.num_prefix_tokens + backbone.num_patches(self.image_size), width
+        if location == "prepend-pixel":
+            return self.config.num_tokens, backbone.in_chans * self.patch_size**2
+        if location == "concat-channel":
+            return 1, self.image_size**2
+        return self.config.num_tokens, width
+
+    def reset_parameters(self, backbone: Backbone, generator: torch.Generator | None = None) -> None:
+        """Initialise as the paper does (``init``), the projection as the released code does."""
+        with torch.no_grad():
+            if self.config.init == "xavier":
+                bound = xavier_bound(backbone.patch_size, self.config.project or backbone.width)
+                self.embeddings.uniform_(-bound, bound, generator=generator)
+            elif self.config.init == "normal":
+                self.embeddings.normal_(0.0, 0.02, generator=generator)
+            else:
+                self.embeddings.zero_()
+            if self.proj is not None:
+                nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out", generator=generator)
+                self.proj.bias.zero_()
+
+    @property
+    def num_tasks(self) -> int:
+        return self.embeddings.shape[0]
+
+    def select(self, layer: int, task_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The prompt tokens for ``layer``: (B, n, k) per sample, or (1, n, k) broadcast when task_ids is None."""
+        index = 0 if self.config.shared else self.layers.index(layer)
+        stored = self.embeddings[:, index]
+        return stored[:1] if task_ids is None else stored[task_ids]
+
+    def tokens(self, layer: int, task_ids: torch.Tensor | None, batch: int, backbone: Backbone) -> torch.Tensor:
+        """Prompt tokens at model width for ``layer``, projected and with dropout, shape (1 or B, n, d)."""
+        tokens = self.select(layer, task_ids, batch)
+        if self.config.location == "prepend-pixel":
+            conv = backbone.patch_embed
+            patches = tokens.reshape(-1, conv.in_channels, self.patch_size, self.patch_size)
+            tokens = conv(patches.to(conv.weight.dtype)).flatten(1).reshape(tokens.shape[0], tokens.shape[1], -1)
+        elif self.proj is not None:
+            tokens = self.proj(tokens)
+        return self.dropout(tokens)
+
+    def patch_delta(self, task_ids: torch.Tensor | None, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """concat-channel: what the extra input channel adds to each patch token, (1 or B, #patches, d)."""
+        if self.config.location != "concat-channel":
+            return None
+        self._check_size(pixel_values)
+        channel = self.select(0, task_ids, pixel_values.shape[0]).reshape(-1, 1, self.image_size, self.image_size)
+        kernel = self.channel_kernel if task_ids is None else self.channel_kernel[task_ids]
+        patches = F.unfold(channel.to(pixel_values.dtype), self.patch_size, stride=self.patch_size)
+        return torch.einsum("bkn,bdk->bnd", patches, kernel[: patches.shape[0]].to(patches.dtype))
+
+    def _check_size(self, pixel_values: torch.Tensor) -> None:
+        size = tuple(pixel_values.shape[-2:])
+        if size != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{self.config.location!r} prompts were built for {self.image_size}x{self.image_size} input, "
+                f"got {size[0]}x{size[1]}: resize the images or rebuild with image_size={size[0]}"
+            )
+
+    def apply(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        num_prompts: int,
+        task_ids: torch.Tensor | None,
+        backbone: Backbone,
+    ) -> tuple[torch.Tensor, int]:
+        """Insert (or replace, or add) this layer's prompts; return the new sequence and its prompt count."""
+        if self.config.location == "concat-channel":
+            return hidden, num_prompts
+        tokens = self.tokens(layer, task_ids, hidden.shape[0], backbone).to(hidden.dtype)
+        if self.config.location == "add":
+            if tokens.shape[1] != hidden.shape[1]:
+                raise ValueError(
+                    f"'add' prompts cover {tokens.shape[1]} tokens but the sequence has {hidden.shape[1]}: "
+                    f"use {self.image_size}x{self.image_size} input"
+                )
+            return hidden + tokens, num_prompts
+        tokens = tokens.expand(hidden.shape[0], -1, -1)
+        prefix = self.num_prefix
+        hidden = torch.cat([hidden[:, :prefix], tokens, hidden[:, prefix + num_prompts :]], dim=1)
+        return hidden, tokens.shape[1]

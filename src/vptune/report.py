@@ -1,0 +1,59 @@
+"""Accounting and tables: trainable parameters, their share of the backbone, file bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .taskfile import RECORD, WEIGHTS
+
+
+def file_bytes(folder: str | Path) -> int:
+    """Bytes of a task folder's two files (record + weights)."""
+    return sum((Path(folder) / name).stat().st_size for name in (RECORD, WEIGHTS) if (Path(folder) / name).is_file())
+
+
+def human_bytes(count: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def task_summary(record: dict, folder: Path) -> dict:
+    """What ``vptune inspect`` shows: method, trainable share, bytes, backbone, metrics."""
+    trainable, backbone = record["trainable_parameters"], record["backbone"]
+    prompt = record.get("prompt", {})
+    return {
+        "method": record["method"],
+        "prompt": _prompt_line(prompt),
+        "classes": record["num_classes"],
+        "image_size": record["preprocessing"]["image_size"],
+        "trainable_parameters": trainable,
+        "percent_of_backbone": round(100 * trainable / backbone["parameters"], 4),
+        "file_bytes": file_bytes(folder),
+        "backbone": f"{backbone['spec']} ({backbone['family']}, {backbone['parameters']:,} params, "
+        f"fingerprint {backbone['fingerprint']})",
+        "data": record.get("data", {}).get("name"),
+        "metrics": {k: v for k, v in (record.get("metrics") or {}).items() if "accuracy" in k or k == "epoch"},
+        "vptune_version": record["library"]["version"],
+    }
+
+
+def _prompt_line(prompt: dict) -> str:
+    if not prompt.get("num_tokens"):
+        return "none"
+    depth = f"layers {prompt['layers']}" if prompt.get("layers") else ("deep" if prompt.get("deep") else "shallow")
+    return f"{prompt['num_tokens']} tokens, {depth}, {prompt['location']}, readout {prompt['readout']}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of equal keys as a markdown table."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows]
+    return "\n".join(lines)

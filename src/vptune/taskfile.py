@@ -1,0 +1,174 @@
+"""Per-task files: ``vptune.json`` (everything needed to rebuild) plus ``weights.safetensors`` (what trained)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .backbones import Backbone, load_backbone
+from .config import from_dict, to_dict
+from .data import TaskData
+from .methods import build
+from .model import TaskModel
+from .prompts import PromptConfig
+
+RECORD = "vptune.json"
+WEIGHTS = "weights.safetensors"
+FORMAT = 1
+
+
+class TaskFileError(ValueError):
+    """A task folder that cannot be loaded as asked; the message says why and what to do."""
+
+
+def save_task(
+    model: TaskModel,
+    path: str | os.PathLike,
+    classes: list[str] | None = None,
+    train_config: dict | None = None,
+    metrics: dict | None = None,
+    data: TaskData | None = None,
+) -> Path:
+    """Write a task folder: ``vptune.json`` and ``weights.safetensors`` holding only the trained tensors.
+
+    Both files are written to temporary names and renamed, so an interrupted save leaves the old files whole.
+
+    Args:
+        model: a model from :func:`vptune.build` (trained or not).
+        path: the folder (created if needed).
+        classes: class names, index = label; default ``model.classes`` or ``"0".."C-1"``.
+        train_config: the training configuration to record.
+        metrics: final metrics to record (e.g. ``{"val_accuracy": ..., "test_accuracy": ...}``).
+        data: the task it was trained on (name, folder and layout are recorded; the layout sets the protocol).
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = list(classes or model.classes or [str(i) for i in range(model.num_classes)])
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names given for a model with {model.num_classes} classes")
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.trainable_state_dict().items()}
+    backbone = model.backbone.record()
+    _atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=_metadata(model, backbone)))
+    record = {
+        "format": FORMAT,
+        "library": {"name": "vptune", "version": __version__},
+        "method": model.method,
+        "options": model.options,
+        "prompt": to_dict(model.prompt_config),
+        "num_classes": model.num_classes,
+        "classes": classes,
+        "head": {"type": "linear", "in_features": model.backbone.width, "out_features": model.num_classes},
+        "preprocessing": _preprocessing(model, data),
+        "data": {"name": data.name, "path": str(data.root), "layout": data.layout} if data else model.record.get("data"),
+        "backbone": backbone,
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+        "trainable_parameters": sum(t.numel() for t in tensors.values()),
+        "train_config": train_config or model.record.get("train_config"),
+        "metrics": metrics or model.record.get("metrics") or {},
+    }
+    _atomic(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    model.classes, model.record = classes, record
+    return folder
+
+
+def _preprocessing(model: TaskModel, data: TaskData | None) -> dict:
+    recorded = model.record.get("preprocessing", {}).get("protocol", "vtab")
+    protocol = ("fgvc" if data.layout == "fgvc" else "vtab") if data else recorded
+    mean, std = model.backbone.mean, model.backbone.std
+    return {"image_size": model.image_size, "protocol": protocol, "mean": mean, "std": std}
+
+
+def _metadata(model: TaskModel, backbone: dict) -> dict[str, str]:
+    return {"method": model.method, "backbone_spec": backbone["spec"], "backbone_fingerprint": backbone["fingerprint"]}
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # some writers create private temporary files
+    os.replace(tmp, target)
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """The ``vptune.json`` of a task folder, with a clear error when it is missing or unreadable."""
+    file = Path(path) / RECORD
+    if not file.is_file():
+        raise TaskFileError(f"{path} is not a task folder: {RECORD} is missing (save one with vptune.save_task)")
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise TaskFileError(f"{file} is not valid JSON ({error}); the task folder is damaged") from error
+    if record.get("format", 0) > FORMAT:
+        raise TaskFileError(f"{file} has format {record['format']}; this vptune reads up to {FORMAT}: upgrade vptune")
+    return record
+
+
+def load_task(
+    path: str | os.PathLike,
+    backbone: Backbone | None = None,
+    allow_other_backbone: bool = False,
+    device: str | torch.device = "cpu",
+) -> TaskModel:
+    """Rebuild a saved task model in eval mode.
+
+    Args:
+        path: a folder written by :func:`save_task`.
+        backbone: the frozen backbone to attach; default: loaded from the recorded spec.
+        allow_other_backbone: load even when the backbone's fingerprint differs from the recorded one.
+        device: where the loaded model lives.
+    """
+    record = read_record(path)
+    backbone = backbone or load_backbone(record["backbone"]["spec"])
+    _check_backbone(record["backbone"], backbone, allow_other_backbone, path)
+    prompt = from_dict(PromptConfig, record["prompt"], where=str(Path(path) / RECORD))
+    model = build(
+        record["method"],
+        backbone,
+        record["num_classes"],
+        prompt=prompt,
+        image_size=record["preprocessing"]["image_size"],
+        **record.get("options", {}),
+    )
+    model.load_state_dict(_read_tensors(Path(path), model), strict=False)
+    model.classes, model.record = record["classes"], record
+    return model.to(device).eval()
+
+
+def _check_backbone(recorded: dict, backbone: Backbone, allow: bool, path) -> None:
+    ours = backbone.fingerprint()
+    if recorded["fingerprint"] == ours or allow:
+        return
+    raise TaskFileError(
+        f"task {path} was trained on backbone {recorded['spec']!r} (fingerprint {recorded['fingerprint']}), "
+        f"but this backbone is {backbone.spec!r} (fingerprint {ours}): pass the backbone it was trained on "
+        f"(--backbone {recorded['spec']}), or allow_other_backbone=True / --allow-other-backbone to override"
+    )
+
+
+def _read_tensors(folder: Path, model: TaskModel) -> dict[str, torch.Tensor]:
+    file = folder / WEIGHTS
+    if not file.is_file():
+        raise TaskFileError(f"{file} is missing: the task folder is incomplete")
+    expected = model.trainable_state_dict()
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise TaskFileError(f"{file} cannot be read as safetensors ({error}); the task folder is damaged") from error
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise TaskFileError(f"{file} does not match method {model.method!r}: missing {missing}, unexpected {unexpected}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise TaskFileError(
+                f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+    return tensors
