@@ -111,9 +111,9 @@ def _add_field(group, section: str, field: dataclasses.Field) -> None:
         group.add_argument(flag, type=_int_list, **common)
     else:
         parse = _none_or(kind) if optional else kind
-        choices = list(meta["choices"]) + (["none"] if optional else []) if "choices" in meta else None
+        choices = list(meta["choices"]) + ([None] if optional else []) if "choices" in meta else None
         if choices:
-            common["metavar"] = "{" + ",".join(choices) + "}"
+            common["metavar"] = "{" + ",".join(str(c).lower() for c in choices) + "}"
         group.add_argument(flag, type=parse, choices=choices, **common)
 
 

@@ -98,7 +98,7 @@ def _load(args: argparse.Namespace):
 
 # Per-method settings of the demo: a short schedule that fits ~10 minutes on a 2-core CPU at 112x112.
 DEMO_METHODS: dict[str, tuple[dict, dict]] = {
-    "linear": ({}, {"epochs": 5, "warmup_epochs": 1, "base_lr": 0.05}),
+    "linear": ({}, {"epochs": 5, "warmup_epochs": 1, "base_lr": 0.2}),
     "vpt-shallow": ({"num_tokens": 10}, {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}),
     "vpt-deep": ({"num_tokens": 10, "dropout": 0.1, "deep": True}, {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}),
 }

@@ -79,6 +79,10 @@ class PromptConfig:
         resolved = sorted(layer + depth if layer < 0 else layer for layer in self.layers)
         bad = [layer for layer in self.layers if not -depth <= layer < depth]
         _check(not bad, f"layers {bad} out of range for a backbone of depth {depth} (valid: 0..{depth - 1})")
+        _check(
+            len(set(resolved)) == len(resolved),
+            f"layers {self.layers} has repeated blocks for a backbone of depth {depth} (negative = from the end)",
+        )
         return resolved
 
 

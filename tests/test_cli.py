@@ -1,0 +1,133 @@
+"""The command line end to end: a tiny saved backbone and a tiny VTAB-layout task made in the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+from vptune import load_backbone
+from vptune.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16)
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    Dinov2Model(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory) -> Path:
+    """Three colour classes in the VTAB-1k list layout."""
+    root = tmp_path_factory.mktemp("colors")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+    lines: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
+    for split, count in (("train800", 24), ("val200", 9), ("test", 12)):
+        for i in range(count):
+            label = i % 3
+            pixels = np.clip(np.array(colours[label]) + rng.integers(-20, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            name = f"images/{split}_{i}.png"
+            Image.fromarray(pixels).save(root / name)
+            lines[split].append(f"{name} {label}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    (root / "train800val200.txt").write_text("\n".join(lines["train800"] + lines["val200"]) + "\n")
+    (root / "classes.txt").write_text("red\ngreen\nblue\n")
+    return root
+
+
+def _train(tmp_path: Path, backbone: str, task: Path, *extra: str) -> Path:
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(task), "--backbone", backbone, "--image-size", "16", "--out", str(out)]
+    argv += ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--base-lr", "1", "--no-progress", *extra]
+    assert main(argv) == 0
+    return out
+
+
+def test_train_writes_run_folder_and_eval_predict_inspect_read_it(tmp_path, tiny_backbone, tiny_task, capsys):
+    out = _train(tmp_path, tiny_backbone, tiny_task, "--method", "vpt-deep", "--num-tokens", "3")
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "vptune.json", "weights.safetensors"}
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["prompt"]["num_tokens"] == 3 and resolved["prompt"]["deep"] is True
+    assert resolved["prompt"]["dropout"] == 0.1  # vpt-deep's default from the released configs
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 2] and "test_accuracy" in lines[-1]
+    capsys.readouterr()
+
+    assert main(["eval", str(out), "--split", "val", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["count"] == 9 and 0.0 <= scored["accuracy"] <= 1.0
+
+    image = next((tiny_task / "images").glob("test_*.png"))
+    assert main(["predict", str(out), str(image), "--top-k", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert len(answer[0]["top"]) == 2 and answer[0]["top"][0]["class"] in ("red", "green", "blue")
+    assert answer[0]["top"][0]["probability"] >= answer[0]["top"][1]["probability"]
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    backbone = load_backbone(tiny_backbone)
+    expected = 2 * 3 * 32 + 32 * 3 + 3  # deep prompts N*p*d + head d*C + C
+    assert summary["trainable_parameters"] == expected
+    assert summary["percent_of_backbone"] == round(100 * expected / backbone.num_parameters(), 4)
+    assert summary["file_bytes"] == sum(f.stat().st_size for f in (out / "vptune.json", out / "weights.safetensors"))
+
+
+def test_config_file_is_read_and_flags_override_it(tmp_path, tiny_backbone, tiny_task):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: vpt-shallow\nprompt:\n  num_tokens: 4\n  init: zeros\ntrain:\n  epochs: 5\n")
+    out = _train(tmp_path, tiny_backbone, tiny_task, "--config", str(config), "--num-tokens", "2")
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["method"] == "vpt-shallow"
+    assert resolved["prompt"]["num_tokens"] == 2  # flag beats file
+    assert resolved["prompt"]["init"] == "zeros"  # file beats default
+    assert resolved["train"]["epochs"] == 2  # flag beats file
+
+
+def test_bad_input_gives_clear_errors(tmp_path, tiny_backbone, tiny_task, capsys):
+    assert main(["train", "--backbone", tiny_backbone]) == 1
+    assert "--data" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--backbone", tiny_backbone]) == 1
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_task), "--backbone", "resnet"]) == 1
+    assert "accepted forms" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "vptune.json" in capsys.readouterr().err
+
+
+def test_other_backbone_is_refused_unless_allowed(tmp_path, tiny_backbone, tiny_task, capsys):
+    out = _train(tmp_path, tiny_backbone, tiny_task, "--method", "linear")
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16)
+    Dinov2Model(config).save_pretrained(other)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--backbone", f"hf:{other}"]) == 1
+    error = capsys.readouterr().err
+    assert load_backbone(tiny_backbone).fingerprint() in error and load_backbone(f"hf:{other}").fingerprint() in error
+    assert main(["eval", str(out), "--backbone", f"hf:{other}", "--allow-other-backbone"]) == 0
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (SHARED / "data" / "eurosat").is_dir(), reason="../shared/data is absent")
+@pytest.mark.skipif(not (SHARED / "weights" / "dinov2-small-imgfocus").is_dir(), reason="../shared/weights is absent")
+def test_train_on_real_eurosat_at_tiny_size(tmp_path, capsys):
+    out = tmp_path / "eurosat"
+    argv = ["train", "--data", "eurosat", "--method", "vpt-shallow", "--image-size", "28", "--out", str(out)]
+    argv += ["--epochs", "1", "--batch-size", "64", "--base-lr", "0.1", "--no-progress", "--test-split", "none"]
+    assert main(argv) == 0
+    record = json.loads((out / "vptune.json").read_text())
+    assert record["backbone"]["spec"] == "dinov2-small" and record["data"]["name"] == "eurosat"
+    assert record["classes"][0] == "AnnualCrop" and record["metrics"]["val_accuracy"] > 0.1
