@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random backbones of every supported family, and tiny in-memory image datasets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTModel,
+)
+
+import vptune
+from vptune.data import normalize
+
+# One thread: when another process holds a core, a thread pool makes tiny-model ops ~100x slower (and the real
+# DINOv2-S test ~10x slower).
+torch.set_num_threads(1)
+
+FAMILIES = ("vit", "dinov2", "dinov2-registers", "clip")
+WIDTH, DEPTH, PATCH, IMAGE = 32, 3, 4, 16
+REGISTERS = 2
+PREFIX = {"vit": 1, "dinov2": 1, "dinov2-registers": 1 + REGISTERS, "clip": 1}
+# A larger init range than the default 0.02 so that attention actually mixes tokens in a 32-wide model;
+# dropout everywhere so that a backbone left in training mode would show.
+COMMON = dict(
+    hidden_size=WIDTH,
+    num_hidden_layers=DEPTH,
+    num_attention_heads=2,
+    intermediate_size=2 * WIDTH,
+    image_size=IMAGE,
+    patch_size=PATCH,
+    initializer_range=0.2,
+)
+VIT_DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def tiny_hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random transformers vision model of ``family`` (width 32, 3 blocks, patch 4, native size 16)."""
+    torch.manual_seed(seed)
+    common = {**COMMON, **overrides}
+    if family == "vit":
+        model = ViTModel(ViTConfig(**common, **VIT_DROPOUT), add_pooling_layer=False)
+    elif family == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common, **VIT_DROPOUT, drop_path_rate=0.1))
+    elif family == "dinov2-registers":
+        config = Dinov2WithRegistersConfig(**common, **VIT_DROPOUT, drop_path_rate=0.1, num_register_tokens=REGISTERS)
+        model = Dinov2WithRegistersModel(config)
+    elif family == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**common, attention_dropout=0.1, initializer_factor=5.0))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # transformers starts biases at 0; random ones make a dropped bias visible
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tiny_backbone(family: str, seed: int = 0) -> vptune.Backbone:
+    """``tiny_hf_model`` wrapped as a frozen vptune backbone."""
+    return vptune.wrap_model(tiny_hf_model(family, seed), spec=f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def backbone(family: str) -> vptune.Backbone:
+    return tiny_backbone(family)
+
+
+def images(batch: int = 4, size: int | tuple[int, int] = IMAGE, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images (B, 3, H, W)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return torch.randint(0, 256, (batch, 3, height, width), generator=torch.Generator().manual_seed(seed)).to(
+        torch.uint8
+    )
+
+
+def pixels(backbone: vptune.Backbone, batch: int = 4, size: int | tuple[int, int] = IMAGE, seed: int = 0):
+    """Random images normalised as ``backbone`` expects: model input."""
+    return normalize(images(batch, size, seed), backbone.mean, backbone.std)
+
+
+class ImageSet(Dataset):
+    """In-memory dataset yielding ``(uint8 (3, S, S), int label)``, as the loaders of vptune.data do."""
+
+    def __init__(self, stack: torch.Tensor, labels: list[int]):
+        self.images, self.labels = stack, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].clone(), self.labels[index]
+
+
+def tiny_dataset(n: int = 16, num_classes: int = 3, size: int = IMAGE, seed: int = 0) -> ImageSet:
+    """``n`` noisy images whose brightness tells the class, so that a model can learn them."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = [i % num_classes for i in range(n)]
+    base = torch.tensor(labels, dtype=torch.float32).view(-1, 1, 1, 1) * (200 / max(1, num_classes - 1)) + 20
+    noise = torch.randint(-20, 21, (n, 3, size, size), generator=generator)
+    return ImageSet((base + noise).clamp(0, 255).to(torch.uint8), labels)

@@ -1,0 +1,123 @@
+"""Backbones: every wrapped family reproduces its own transformers forward, stays frozen and in eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEPTH, IMAGE, PATCH, PREFIX, WIDTH, pixels, tiny_backbone, tiny_hf_model
+from torch import nn
+
+import vptune
+from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN
+from vptune.prompts import PromptConfig
+
+# (height, width): the native size, and sizes whose position embeddings the family must interpolate
+SIZES = [(IMAGE, IMAGE), (24, 24), (16, 24)]
+
+
+def own_output(backbone: vptune.Backbone, family: str, x: torch.Tensor) -> torch.Tensor:
+    """What the transformers model itself computes: every token after its final norm."""
+    hf = backbone.model
+    kwargs = {} if family.startswith("dinov2") or x.shape[-2:] == (IMAGE, IMAGE) else {"interpolate_pos_encoding": True}
+    with torch.no_grad():
+        out = hf(pixel_values=x, **kwargs)
+        if family == "clip":  # CLIP's last_hidden_state is before its post-norm; its pooler is the normed cls
+            torch.testing.assert_close(hf.post_layernorm(out.last_hidden_state)[:, 0], out.pooler_output)
+            return hf.post_layernorm(out.last_hidden_state)
+        return out.last_hidden_state
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_forward_is_the_models_own_output(backbone: vptune.Backbone, family: str, size: tuple[int, int]) -> None:
+    x = pixels(backbone, 2, size)
+    with torch.no_grad():
+        tokens = backbone(x)
+    patches = (size[0] // PATCH) * (size[1] // PATCH)
+    assert tokens.shape == (2, PREFIX[family] + patches, WIDTH)
+    torch.testing.assert_close(tokens, own_output(backbone, family, x), atol=1e-6, rtol=0)
+
+
+# Models whose prompts change nothing: none at all, or prompts that are zero where they are added
+NEUTRAL = {
+    "linear": ("linear", None),
+    "shallow-p0": ("vpt-shallow", PromptConfig(num_tokens=0)),
+    "deep-p0": ("vpt-deep", PromptConfig(num_tokens=0)),
+    "add-zeros": ("vpt-deep", PromptConfig(location="add", init="zeros")),
+    "concat-channel-zeros": ("vpt-shallow", PromptConfig(location="concat-channel", init="zeros")),
+}
+
+
+@pytest.mark.parametrize("size", [IMAGE, 24])
+@pytest.mark.parametrize("case", NEUTRAL)
+def test_neutral_model_features_are_the_backbones_class_token(
+    backbone: vptune.Backbone, family: str, case: str, size: int
+) -> None:
+    method, prompt = NEUTRAL[case]
+    model = vptune.build(method, backbone, 5, prompt=prompt, image_size=size).eval()
+    x = pixels(backbone, 3, size)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    assert features.shape == (3, WIDTH)
+    torch.testing.assert_close(features, own_output(backbone, family, x)[:, 0], atol=1e-6, rtol=0)
+
+
+EXPECTED = {
+    "vit": ("vit", 1, IMAGE, (0.5, 0.5, 0.5)),
+    "dinov2": ("dinov2", 1, 224, IMAGENET_MEAN),  # DINOv2 configs say 518; everyone feeds it 224
+    "dinov2-registers": ("dinov2", 3, 224, IMAGENET_MEAN),
+    "clip": ("clip", 1, IMAGE, CLIP_MEAN),
+}
+
+
+def test_attributes(backbone: vptune.Backbone, family: str) -> None:
+    name, prefix, image_size, mean = EXPECTED[family]
+    assert (backbone.family, backbone.num_prefix_tokens, backbone.image_size, backbone.mean) == (
+        name,
+        prefix,
+        image_size,
+        tuple(mean),
+    )
+    assert (backbone.width, backbone.depth, backbone.patch_size, backbone.in_chans) == (WIDTH, DEPTH, PATCH, 3)
+    assert len(backbone.blocks) == DEPTH and isinstance(backbone.patch_embed, nn.Conv2d)
+    assert backbone.num_patches(24) == 36
+    assert backbone.num_parameters() == sum(p.numel() for p in backbone.model.parameters()) > 0
+
+
+def test_preprocessing_override(family: str) -> None:
+    custom = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "image_size": 32}
+    backbone = vptune.wrap_model(tiny_hf_model(family), preprocessing=custom)
+    assert (backbone.mean, backbone.std, backbone.image_size) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 32)
+
+
+def test_frozen_and_always_in_eval_mode(backbone: vptune.Backbone) -> None:
+    assert not any(p.requires_grad for p in backbone.parameters())
+    model = vptune.build("vpt-deep", backbone, 3, PromptConfig(num_tokens=2, dropout=0.1), image_size=IMAGE)
+    for target in (backbone, model):
+        target.train()
+        assert not backbone.training
+        assert not any(m.training for m in backbone.model.modules())
+    assert model.training and model.prompts.training and model.head.training
+
+
+def test_fingerprint_identifies_the_weights(family: str) -> None:
+    first, again, other = tiny_backbone(family, seed=0), tiny_backbone(family, seed=0), tiny_backbone(family, seed=1)
+    assert first.fingerprint() == again.fingerprint() != other.fingerprint()
+    assert len(first.fingerprint()) == 16 and int(first.fingerprint(), 16) >= 0
+    record = first.record()
+    assert record["fingerprint"] == first.fingerprint() and record["spec"] == f"tiny-{family}"
+    assert (record["width"], record["depth"], record["parameters"]) == (WIDTH, DEPTH, first.num_parameters())
+
+
+def test_other_families_are_refused() -> None:
+    with pytest.raises(ValueError, match=f"unsupported backbone class Linear.*{'.*'.join(['ViTModel', 'Dinov2'])}"):
+        vptune.wrap_model(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("timm:vit_base", "timm backbones are not supported"), ("resnet50", "unknown backbone spec"), ("hf:", "empty")],
+)
+def test_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        vptune.load_backbone(spec)
+    assert "dinov2-small" in str(error.value)  # the message lists the accepted forms

@@ -1,0 +1,434 @@
+"""Prompts and the task model: where prompts enter, what reads them out, what trains, and what is refused."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEPTH, IMAGE, PATCH, WIDTH, pixels
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+import vptune
+from vptune import PromptConfig
+from vptune.prompts import LOCATIONS, READOUTS, xavier_bound
+
+P = 3  # prompt tokens
+PATCHES = (IMAGE // PATCH) ** 2
+CLASSES = 5
+
+
+def make(backbone: vptune.Backbone, method: str = "vpt-deep", seed: int = 0, **prompt) -> vptune.TaskModel:
+    """A model for ``CLASSES`` classes at ``IMAGE`` pixels; ``deep`` follows the method unless given."""
+    prompt = PromptConfig(**{"deep": method == "vpt-deep", **prompt})
+    return vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE, seed=seed)
+
+
+@contextmanager
+def block_io(backbone: vptune.Backbone) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Record each block's input and output token sequence during the forwards run inside the block."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def before(module, args, kwargs):
+        inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    def after(module, args, output):
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in backbone.blocks]
+    handles += [block.register_forward_hook(after) for block in backbone.blocks]
+    try:
+        yield inputs, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- where prepended prompts enter -------------------------------------------------------------------------------
+
+# Per block, what its input holds at the prompt positions: an int j = fresh prompts of set j, "flow" = the previous
+# block's outputs there, None = no prompt tokens in the sequence at all.
+INSERTION = {
+    "shallow": ("vpt-shallow", {}, [0, "flow", "flow"]),
+    "deep": ("vpt-deep", {}, [0, 1, 2]),
+    "deep-first-2": ("vpt-deep", {"layers": [0, 1]}, [0, 1, "flow"]),
+    "deep-last-2": ("vpt-deep", {"layers": [-2, -1]}, [None, 0, 1]),
+    "deep-middle": ("vpt-deep", {"layers": [1]}, [None, 0, "flow"]),
+    "deep-skip": ("vpt-deep", {"layers": [2, 0]}, [0, "flow", 1]),
+    "deep-shared": ("vpt-deep", {"shared": True}, [0, 0, 0]),
+    "deep-shared-last-2": ("vpt-deep", {"layers": [1, 2], "shared": True}, [None, 0, 0]),
+    "deep-first-2-drop": ("vpt-deep", {"layers": [0, 1], "drop_after": True}, [0, 1, None]),
+    "shallow-drop": ("vpt-shallow", {"drop_after": True}, [0, None, None]),
+    "shallow-at-block-1": ("vpt-shallow", {"layers": [1]}, [None, 0, "flow"]),
+    "deep-drop-image-readout": ("vpt-deep", {"layers": [0], "drop_after": True, "readout": "image"}, [0, None, None]),
+}
+
+
+@pytest.mark.parametrize("case", INSERTION)
+def test_prompt_insertion(backbone: vptune.Backbone, case: str) -> None:
+    method, options, plan = INSERTION[case]
+    model = make(backbone, method, num_tokens=P, **options).eval()
+    x = pixels(backbone, 2)
+    with block_io(backbone) as (inputs, outputs), torch.no_grad():
+        logits = model(x)
+        embedded = backbone.embed(x)
+    assert logits.shape == (2, CLASSES) and torch.isfinite(logits).all()
+    sets = 1 if options.get("shared") else len({source for source in plan if isinstance(source, int)})
+    assert model.prompts.embeddings.shape == (1, sets, P, WIDTH)
+    prefix = backbone.num_prefix_tokens
+    for index, source in enumerate(plan):
+        tokens, previous = inputs[index], embedded if index == 0 else outputs[index - 1]
+        count = 0 if source is None else P
+        assert tokens.shape == (2, prefix + count + PATCHES, WIDTH), f"block {index}"
+        # class/register and patch tokens come on from the previous block (the embedding: prompts follow positions)
+        assert torch.equal(tokens[:, :prefix], previous[:, :prefix])
+        assert torch.equal(tokens[:, prefix + count :], previous[:, -PATCHES:])
+        segment, before = tokens[:, prefix : prefix + count], previous[:, prefix : prefix + count]
+        if source == "flow":
+            assert torch.equal(segment, before), f"block {index}: prompt outputs should flow on"
+        elif source is not None:
+            assert torch.equal(segment, model.prompts.embeddings[0, source].expand_as(segment)), f"block {index}"
+            if previous.shape[1] == tokens.shape[1] and index > 0:
+                assert not torch.allclose(segment, before), f"block {index}: previous prompt outputs not replaced"
+
+
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
+def test_prompt_order_does_not_matter(backbone: vptune.Backbone, method: str) -> None:
+    model = make(backbone, method, num_tokens=5).eval()
+    x = pixels(backbone, 4)
+    with torch.no_grad():
+        before = model(x)
+        model.prompts.embeddings.copy_(model.prompts.embeddings[:, :, [4, 2, 0, 3, 1]])
+        shuffled = model(x)
+        model.prompts.embeddings.add_(0.1 * torch.randn_like(model.prompts.embeddings))
+        changed = model(x)
+    torch.testing.assert_close(shuffled, before, atol=1e-5, rtol=0)
+    assert (changed - before).abs().max() > 1e-3  # the prompts do reach the logits
+
+
+# --- the other locations -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
+def test_add_location_adds_to_every_token(backbone: vptune.Backbone, method: str) -> None:
+    model = make(backbone, method, num_tokens=P, location="add").eval()
+    x = pixels(backbone, 2)
+    with block_io(backbone) as (inputs, outputs), torch.no_grad():
+        model(x)
+        embedded = backbone.embed(x)
+    added = model.prompts.embeddings
+    assert added.shape == (1, DEPTH if method == "vpt-deep" else 1, backbone.num_prefix_tokens + PATCHES, WIDTH)
+    for index in range(DEPTH):
+        previous = embedded if index == 0 else outputs[index - 1]
+        expected = previous + added[0, index] if index < added.shape[1] else previous
+        torch.testing.assert_close(inputs[index], expected, atol=1e-6, rtol=0)
+
+
+def test_prepend_pixel_prompts_pass_through_the_patch_embedding(backbone: vptune.Backbone) -> None:
+    model = make(backbone, "vpt-shallow", num_tokens=P, location="prepend-pixel").eval()
+    assert model.prompts.embeddings.shape == (1, 1, P, 3 * PATCH * PATCH)
+    x = pixels(backbone, 2)
+    with block_io(backbone) as (inputs, _), torch.no_grad():
+        model(x)
+        patches = model.prompts.embeddings[0, 0].reshape(P, 3, PATCH, PATCH)
+        expected = backbone.patch_embed(patches).flatten(1)  # extra patches, without positions
+    prefix = backbone.num_prefix_tokens
+    assert inputs[0].shape[1] == prefix + P + PATCHES
+    torch.testing.assert_close(inputs[0][:, prefix : prefix + P], expected.expand(2, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_concat_channel_is_a_fourth_input_channel(backbone: vptune.Backbone) -> None:
+    model = make(backbone, "vpt-shallow", location="concat-channel").eval()
+    with torch.no_grad():
+        model.prompts.embeddings.normal_()
+    x = pixels(backbone, 2)
+    conv = backbone.patch_embed
+    wider = nn.Conv2d(4, WIDTH, PATCH, stride=PATCH)
+    with torch.no_grad():
+        wider.weight.copy_(torch.cat([conv.weight, model.prompts.channel_kernel[0].view(WIDTH, 1, PATCH, PATCH)], 1))
+        wider.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(WIDTH))
+        channel = model.prompts.embeddings[0, 0].view(1, 1, IMAGE, IMAGE).expand(2, -1, -1, -1)
+        delta = (wider(torch.cat([x, channel], 1)) - wider(torch.cat([x, torch.zeros_like(channel)], 1))).flatten(2)
+        expected = backbone.embed(x, patch_delta=delta.transpose(1, 2))
+        with block_io(backbone) as (inputs, _):
+            model(x)
+    assert inputs[0].shape[1] == backbone.num_prefix_tokens + PATCHES  # no extra tokens
+    torch.testing.assert_close(inputs[0], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(inputs[0], backbone.embed(x))
+
+
+def test_projected_prompts(backbone: vptune.Backbone) -> None:
+    model = make(backbone, "vpt-deep", num_tokens=P, project=8).eval()
+    assert model.prompts.embeddings.shape == (1, DEPTH, P, 8)
+    assert model.prompts.embeddings.abs().max() <= xavier_bound(PATCH, 8)  # bound uses the stored width k
+    x = pixels(backbone, 2)
+    with block_io(backbone) as (inputs, _), torch.no_grad():
+        model(x)
+        prefix = backbone.num_prefix_tokens
+        for index in range(DEPTH):
+            expected = model.prompts.proj(model.prompts.embeddings[0, index])
+            torch.testing.assert_close(inputs[index][:, prefix : prefix + P], expected.expand(2, -1, -1))
+
+
+# --- read-out --------------------------------------------------------------------------------------------------
+
+POOL = {
+    "cls": lambda tokens, prefix: tokens[:, 0],
+    "image": lambda tokens, prefix: tokens[:, prefix + P :].mean(1),
+    "prompt": lambda tokens, prefix: tokens[:, prefix : prefix + P].mean(1),
+    "all": lambda tokens, prefix: tokens.mean(1),
+}
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_readout_pools_the_right_tokens(backbone: vptune.Backbone, readout: str) -> None:
+    model = make(backbone, "vpt-deep", num_tokens=P, readout=readout).eval()
+    normed = []
+    handle = backbone.norm.register_forward_hook(lambda module, args, output: normed.append(output))
+    with torch.no_grad():
+        features = model.forward_features(pixels(backbone, 2))
+    handle.remove()
+    assert normed[0].shape == (2, backbone.num_prefix_tokens + P + PATCHES, WIDTH)
+    torch.testing.assert_close(features, POOL[readout](normed[0], backbone.num_prefix_tokens), atol=1e-6, rtol=0)
+
+
+# --- every variant trains its prompts and nothing of the backbone ------------------------------------------------
+
+VARIANTS = [
+    ("vpt-shallow", {"location": "prepend"}),
+    ("vpt-deep", {"location": "prepend", "dropout": 0.1}),
+    ("vpt-deep", {"location": "prepend", "project": 8}),
+    ("vpt-shallow", {"location": "add"}),
+    ("vpt-deep", {"location": "add"}),
+    ("vpt-shallow", {"location": "prepend-pixel"}),
+    ("vpt-shallow", {"location": "concat-channel"}),
+]
+TOKEN_LOCATIONS = ("prepend", "prepend-pixel")
+TRAINING = [
+    (method, {**options, "readout": readout})
+    for (method, options), readout in itertools.product(VARIANTS, READOUTS)
+    if readout != "prompt" or options["location"] in TOKEN_LOCATIONS
+]
+
+
+def variant_id(case: tuple[str, dict]) -> str:
+    method, options = case
+    return "-".join([method.removeprefix("vpt-"), *(f"{key}={value}" for key, value in options.items())])
+
+
+def test_variant_table_covers_every_location() -> None:
+    assert {options["location"] for _, options in TRAINING} == set(LOCATIONS)
+    assert {options["readout"] for _, options in TRAINING} == set(READOUTS)
+
+
+@pytest.mark.parametrize("case", TRAINING, ids=variant_id)
+def test_variant_trains_prompts_only(backbone: vptune.Backbone, case: tuple[str, dict]) -> None:
+    method, options = case
+    model = make(backbone, method, num_tokens=P, **options).train()
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    assert "prompts.embeddings" in trainable and {"head.weight", "head.bias"} <= set(trainable)
+    assert not any(name.startswith("backbone.") for name in trainable)
+    start = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
+    x, labels = pixels(backbone, 4), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), labels)
+        assert torch.isfinite(loss)
+        loss.backward()
+        for name, param in trainable.items():
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert model.prompts.embeddings.grad.abs().sum() > 0
+        assert all(param.grad is None for param in backbone.parameters())
+        optimizer.step()
+    for name, param in trainable.items():
+        assert not torch.equal(param, start[name]), f"{name} did not change"
+
+
+def test_prompt_dropout_only_while_training(backbone: vptune.Backbone) -> None:
+    x = pixels(backbone, 2)
+    noisy, clean = make(backbone, num_tokens=P, dropout=0.5), make(backbone, num_tokens=P, dropout=0.0)
+    with torch.no_grad():
+        assert not torch.equal(noisy.train()(x), noisy(x))
+        assert torch.equal(noisy.eval()(x), noisy(x))
+        # without prompt dropout the model is deterministic in training mode: the backbone's own dropout is off
+        assert torch.equal(clean.train()(x), clean(x))
+
+
+# --- parameter counts and initialisation -------------------------------------------------------------------------
+
+
+def head(d: int = WIDTH, c: int = CLASSES) -> int:
+    return d * c + c
+
+
+# (method, prompt options, trainable parameters as a function of the number of prefix tokens)
+COUNTS = {
+    "linear": ("linear", None, lambda prefix: head()),
+    "shallow": ("vpt-shallow", {"num_tokens": 4}, lambda prefix: 4 * WIDTH + head()),
+    "deep": ("vpt-deep", {"num_tokens": 4}, lambda prefix: DEPTH * 4 * WIDTH + head()),
+    "deep-project": (
+        "vpt-deep",
+        {"num_tokens": 4, "project": 8},
+        lambda prefix: DEPTH * 4 * 8 + 8 * WIDTH + WIDTH + head(),
+    ),
+    "deep-shared": ("vpt-deep", {"num_tokens": 4, "shared": True}, lambda prefix: 4 * WIDTH + head()),
+    "deep-first-2": (
+        "vpt-deep",
+        {"num_tokens": 4, "layers": [0, 1], "deep": True},
+        lambda prefix: 2 * 4 * WIDTH + head(),
+    ),
+    "shallow-add": ("vpt-shallow", {"location": "add"}, lambda prefix: (prefix + PATCHES) * WIDTH + head()),
+    "deep-add": ("vpt-deep", {"location": "add"}, lambda prefix: DEPTH * (prefix + PATCHES) * WIDTH + head()),
+    "prepend-pixel": ("vpt-shallow", {"num_tokens": 4, "location": "prepend-pixel"}, lambda prefix: 4 * 48 + head()),
+    # the extra channel's pixels plus the patch embedding's new input channel
+    "concat-channel": ("vpt-shallow", {"location": "concat-channel"}, lambda prefix: IMAGE**2 + WIDTH * 16 + head()),
+}
+
+
+@pytest.mark.parametrize("case", COUNTS)
+def test_trainable_parameter_count(backbone: vptune.Backbone, case: str) -> None:
+    method, options, formula = COUNTS[case]
+    prompt = PromptConfig(**options) if options is not None else None
+    model = vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE)
+    expected = formula(backbone.num_prefix_tokens)
+    assert model.num_trainable() == expected
+    assert sum(t.numel() for t in model.trainable_state_dict().values()) == expected
+    assert model.head.weight.shape == (1, CLASSES, WIDTH)
+
+
+@pytest.mark.parametrize(
+    ("init", "check"),
+    [
+        ("xavier", lambda values: values.abs().max() <= xavier_bound(PATCH, WIDTH) < values.abs().max() / 0.9),
+        ("normal", lambda values: abs(values.std().item() - 0.02) < 0.002 and abs(values.mean().item()) < 0.002),
+        ("zeros", lambda values: not values.any()),
+    ],
+)
+def test_prompt_initialisation(backbone: vptune.Backbone, init: str, check) -> None:
+    model = make(backbone, "vpt-deep", num_tokens=50, init=init)
+    assert check(model.prompts.embeddings.detach())
+
+
+def test_seed_decides_the_initialisation(backbone: vptune.Backbone) -> None:
+    first, again, other = (make(backbone, num_tokens=P, seed=seed) for seed in (0, 0, 1))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.trainable_state_dict().values(), again.trainable_state_dict().values(), strict=True)
+    )
+    assert not torch.equal(first.prompts.embeddings, other.prompts.embeddings)
+    assert not torch.equal(first.head.weight, other.head.weight)
+
+
+@pytest.fixture(scope="module")
+def vit_b16() -> vptune.Backbone:
+    """ViT-B/16's shapes (d=768, N=12, s=16, 224x224) on the meta device: the paper's numbers, no real weights."""
+    with torch.device("meta"):
+        model = ViTModel(
+            ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+        )
+    return vptune.wrap_model(model, spec="vit-b16-shapes")
+
+
+@pytest.mark.parametrize(
+    ("method", "prompts", "percent"), [("vpt-shallow", 38_400, "0.04"), ("vpt-deep", 460_800, "0.53")]
+)
+def test_paper_vit_b16_numbers(vit_b16: vptune.Backbone, method: str, prompts: int, percent: str) -> None:
+    assert round(vit_b16.num_parameters() / 1e6) == 86
+    model = vptune.build(method, vit_b16, 100, PromptConfig(num_tokens=50))
+    assert model.prompts.embeddings.numel() == prompts
+    assert f"{100 * prompts / vit_b16.num_parameters():.2f}" == percent
+    assert model.num_trainable() == prompts + 768 * 100 + 100
+    bound = math.sqrt(6 / (3 * 16 * 16 + 768))
+    assert bound == xavier_bound(16, 768) == 0.0625
+    values = model.prompts.embeddings.detach().abs()
+    assert values.max() <= 0.0625 and (values > 0.05).any()
+
+
+# --- several tasks in one batch ----------------------------------------------------------------------------------
+
+TASK_CASES = {
+    "linear": ("linear", None),
+    "shallow": ("vpt-shallow", {"num_tokens": P}),
+    "deep": ("vpt-deep", {"num_tokens": P}),
+    "deep-shared-image": ("vpt-deep", {"num_tokens": P, "shared": True, "readout": "image"}),
+    "deep-project": ("vpt-deep", {"num_tokens": P, "project": 8}),
+    "add": ("vpt-deep", {"location": "add"}),
+    "prepend-pixel": ("vpt-shallow", {"num_tokens": P, "location": "prepend-pixel", "readout": "prompt"}),
+    "concat-channel": ("vpt-shallow", {"location": "concat-channel"}),
+}
+
+
+@pytest.mark.parametrize("case", TASK_CASES)
+def test_per_sample_task_selection(backbone: vptune.Backbone, case: str) -> None:
+    method, options = TASK_CASES[case]
+    prompt = PromptConfig(**options) if options is not None else None
+    tasks = [vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE, seed=seed).eval() for seed in (1, 2)]
+    if tasks[0].prompts is not None and tasks[0].prompts.proj is not None:  # the projection is shared by all tasks
+        tasks[1].prompts.proj.load_state_dict(tasks[0].prompts.proj.state_dict())
+    joint = vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE, seed=0).eval()
+    stacked = {
+        name: torch.cat([task.trainable_state_dict()[name] for task in tasks]) if tensor.shape[0] == 1 else tensor
+        for name, tensor in tasks[0].trainable_state_dict().items()
+    }
+    for name, tensor in stacked.items():
+        module, attribute = joint.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        setattr(module, attribute, nn.Parameter(tensor.clone()))
+    x = pixels(backbone, 5)
+    task_ids = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        mixed = joint(x, task_ids=task_ids)
+        alone = [task(x) for task in tasks]
+        first = joint(x)
+    expected = torch.where((task_ids == 1)[:, None], alone[1], alone[0])
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(first, alone[0], atol=1e-5, rtol=0)  # no task_ids: task 0
+
+
+# --- refused configurations ----------------------------------------------------------------------------------------
+
+INVALID = {
+    "prompt readout without prompts": (lambda bb: PromptConfig(num_tokens=0, readout="prompt"), "readout 'prompt'"),
+    "prompt readout with add": (lambda bb: PromptConfig(location="add", readout="prompt"), "readout 'prompt'"),
+    "prompt readout after drop": (lambda bb: PromptConfig(readout="prompt", drop_after=True), "drop_after"),
+    "drop_after with add": (lambda bb: PromptConfig(location="add", drop_after=True), "drop_after"),
+    "drop_after with channel": (lambda bb: PromptConfig(location="concat-channel", drop_after=True), "drop_after"),
+    "prepend-pixel deep": (lambda bb: make(bb, "vpt-deep", location="prepend-pixel"), "prompts the input only"),
+    "concat-channel deep": (lambda bb: make(bb, "vpt-deep", location="concat-channel"), "prompts the input only"),
+    "prepend-pixel project": (lambda bb: PromptConfig(location="prepend-pixel", project=8), "project"),
+    "shallow several layers": (lambda bb: make(bb, "vpt-shallow", layers=[0, 1], deep=True), "one"),
+    "several layers not deep": (lambda bb: PromptConfig(layers=[0, 1]), "deep"),
+    "layer out of range": (lambda bb: make(bb, "vpt-deep", layers=[0, DEPTH]), "out of range"),
+    "negative layer out of range": (lambda bb: make(bb, "vpt-deep", layers=[-DEPTH - 1]), "out of range"),
+    "same layer twice": (lambda bb: make(bb, "vpt-deep", layers=[0, -DEPTH]), "repeated"),
+    "no layers": (lambda bb: PromptConfig(layers=[]), "empty"),
+    "negative tokens": (lambda bb: PromptConfig(num_tokens=-1), "num_tokens"),
+    "dropout 1": (lambda bb: PromptConfig(dropout=1.0), "dropout"),
+    "negative project": (lambda bb: PromptConfig(project=-1), "project"),
+    "unknown location": (lambda bb: PromptConfig(location="append"), "location"),
+    "unknown readout": (lambda bb: PromptConfig(readout="max"), "readout"),
+    "unknown init": (lambda bb: PromptConfig(init="orthogonal"), "init"),
+    "unknown method": (lambda bb: vptune.build("vpt-wide", bb, 3), "unknown method"),
+    "no classes": (lambda bb: vptune.build("linear", bb, 0), "num_classes"),
+    "size not a patch multiple": (lambda bb: vptune.build("vpt-deep", bb, 3, image_size=18), "multiple of the patch"),
+    "unknown option": (lambda bb: vptune.build("linear", bb, 3, image_size=IMAGE, hidden=4), "unexpected options"),
+    "add at another size": (lambda bb: make(bb, location="add")(pixels(bb, 1, 24)), "add"),
+    "channel at another size": (
+        lambda bb: make(bb, "vpt-shallow", location="concat-channel")(pixels(bb, 1, 24)),
+        "16x16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", INVALID)
+def test_invalid_configurations_are_refused(backbone: vptune.Backbone, case: str) -> None:
+    attempt, message = INVALID[case]
+    with pytest.raises(ValueError, match=message):
+        attempt(backbone)
