@@ -121,3 +121,51 @@ def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
         vptune.load_backbone(spec)
     assert "dinov2-small" in str(error.value)  # the message lists the accepted forms
+
+
+def test_load_backbone_from_a_saved_folder(tmp_path, family: str) -> None:
+    """``hf:<folder>`` loads each family as from the Hub, preprocessing from preprocessor_config.json when present."""
+    model = tiny_hf_model(family)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "crop_size": {"height": 24, "width": 24}}'
+    )
+    loaded = vptune.load_backbone(f"hf:{tmp_path}")
+    assert loaded.spec == f"hf:{tmp_path}" and loaded.fingerprint() == vptune.wrap_model(model).fingerprint()
+    assert (loaded.mean, loaded.std, loaded.image_size) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 24)
+    assert all(not p.requires_grad for p in loaded.parameters())
+    x = pixels(loaded)
+    torch.testing.assert_close(loaded(x), vptune.wrap_model(model)(x), rtol=0, atol=0)
+
+
+def test_a_full_clip_checkpoint_loads_its_vision_tower(tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = {k: v for k, v in tiny_hf_model("clip").config.to_dict().items() if k in ("hidden_size", "patch_size")}
+    config = CLIPConfig(
+        vision_config={
+            **vision,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": IMAGE,
+        },
+        text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(tmp_path)
+    loaded = vptune.load_backbone(f"hf:{tmp_path}")
+    assert loaded.family == "clip" and loaded.depth == 2 and loaded.mean == CLIP_MEAN
+
+
+def test_short_name_resolves_under_vptune_weights(tmp_path, monkeypatch) -> None:
+    tiny_hf_model("dinov2").save_pretrained(tmp_path / "dinov2-small-imgfocus")
+    monkeypatch.setenv("VPTUNE_WEIGHTS", str(tmp_path))
+    loaded = vptune.load_backbone("dinov2-small")
+    assert loaded.spec == "dinov2-small" and loaded.family == "dinov2" and loaded.width == WIDTH
+    assert loaded.mean == IMAGENET_MEAN and loaded.image_size == 224  # DINOv2's preprocessing, not its 518 config
+
+
+def test_missing_hub_model_says_how_to_fix(tmp_path) -> None:
+    with pytest.raises(ValueError, match="VPTUNE_WEIGHTS"):
+        vptune.load_backbone(f"hf:{tmp_path / 'absent'}")

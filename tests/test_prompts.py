@@ -404,7 +404,6 @@ INVALID = {
     "concat-channel deep": (lambda bb: make(bb, "vpt-deep", location="concat-channel"), "prompts the input only"),
     "prepend-pixel project": (lambda bb: PromptConfig(location="prepend-pixel", project=8), "project"),
     "shallow several layers": (lambda bb: make(bb, "vpt-shallow", layers=[0, 1], deep=True), "one"),
-    "several layers not deep": (lambda bb: PromptConfig(layers=[0, 1]), "deep"),
     "layer out of range": (lambda bb: make(bb, "vpt-deep", layers=[0, DEPTH]), "out of range"),
     "negative layer out of range": (lambda bb: make(bb, "vpt-deep", layers=[-DEPTH - 1]), "out of range"),
     "same layer twice": (lambda bb: make(bb, "vpt-deep", layers=[0, -DEPTH]), "repeated"),
@@ -432,3 +431,10 @@ def test_invalid_configurations_are_refused(backbone: vptune.Backbone, case: str
     attempt, message = INVALID[case]
     with pytest.raises(ValueError, match=message):
         attempt(backbone)
+
+
+def test_several_layers_mean_deep_prompts(backbone: vptune.Backbone) -> None:
+    assert PromptConfig(layers=[0, 1]).deep is True
+    assert PromptConfig(layers=[1]).deep is False
+    model = vptune.build("vpt-deep", backbone, 3, prompt=PromptConfig(num_tokens=2, layers=[0, 1]), image_size=IMAGE)
+    assert model.prompts.layers == [0, 1] and model.prompts.embeddings.shape[1] == 2

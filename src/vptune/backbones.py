@@ -28,8 +28,7 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "clip-vit-base": ("clip-vit-base-patch16", "openai/clip-vit-base-patch16"),
 }
 SPEC_FORMS = (
-    "'hf:<hub id>' (e.g. hf:facebook/dinov2-small), 'hf:<local folder>', "
-    f"or a short name ({', '.join(SHORT_NAMES)})"
+    f"'hf:<hub id>' (e.g. hf:facebook/dinov2-small), 'hf:<local folder>', or a short name ({', '.join(SHORT_NAMES)})"
 )
 
 
@@ -311,6 +310,8 @@ def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> Backbone:
         config = AutoConfig.from_pretrained(source)
         if config.model_type == "clip":
             model = CLIPVisionModel.from_pretrained(source, dtype=dtype)
+        elif config.model_type == "vit":  # the pooler is unused; a checkpoint without one would init it randomly
+            model = AutoModel.from_pretrained(source, dtype=dtype, add_pooling_layer=False)
         else:
             model = AutoModel.from_pretrained(source, dtype=dtype)
     except OSError as error:

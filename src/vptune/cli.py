@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="task name or folder (default: the one it was trained on)")
     _add_load_options(evaluate)
     evaluate.set_defaults(run=commands.evaluate)
-    predict = sub.add_parser("predict", help="classify images with a trained task", description=commands.predict.__doc__)
+    predict = sub.add_parser(
+        "predict", help="classify images with a trained task", description=commands.predict.__doc__
+    )
     predict.add_argument("run_dir", metavar="RUN", help="a task folder written by train")
     predict.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     predict.add_argument("--top-k", type=int, default=5, help="classes to show per image (default: 5)")
@@ -66,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("run_dir", metavar="RUN", help="a task folder written by train")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=commands.inspect)
-    demo = sub.add_parser("demo", help="linear vs VPT-Shallow vs VPT-Deep on eurosat", description=commands.demo.__doc__)
+    demo = sub.add_parser(
+        "demo", help="linear vs VPT-Shallow vs VPT-Deep on eurosat", description=commands.demo.__doc__
+    )
     demo.add_argument("--data", default="eurosat", help="task name or folder (default: eurosat)")
     demo.add_argument("--backbone", default="dinov2-small", help="backbone spec (default: dinov2-small)")
     demo.add_argument("--image-size", type=int, default=112, help="input side (default: 112)")

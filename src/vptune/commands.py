@@ -12,11 +12,12 @@ import torch
 from .backbones import load_backbone
 from .config import from_dict
 from .data import Preprocess, decode_image, eval_view, load_split, normalize, open_task
-from .engine import TrainConfig, evaluate as evaluate_model, fit, resolve_device
+from .engine import TrainConfig, fit, resolve_device
+from .engine import evaluate as evaluate_model
 from .methods import build
 from .prompts import PromptConfig
 from .report import file_bytes, human_bytes, markdown_table, task_summary
-from .taskfile import WEIGHTS, load_task, read_record, save_task
+from .taskfile import load_task, read_record, save_task
 
 
 def train(args: argparse.Namespace) -> int:
@@ -46,8 +47,12 @@ def evaluate(args: argparse.Namespace) -> int:
     device = resolve_device("auto")
     scores = evaluate_model(model.to(device), dataset, device=device)
     result = {"run": args.run_dir, "data": str(task.root), "split": args.split, **scores}
-    print(json.dumps(result) if args.json else f"{task.name} {args.split}: accuracy {scores['accuracy']:.4f} "
-          f"({scores['count']} images), loss {scores['loss']:.4f}")
+    print(
+        json.dumps(result)
+        if args.json
+        else f"{task.name} {args.split}: accuracy {scores['accuracy']:.4f} "
+        f"({scores['count']} images), loss {scores['loss']:.4f}"
+    )
     return 0
 
 
@@ -66,8 +71,10 @@ def predict(args: argparse.Namespace) -> int:
         with torch.no_grad():
             probs = model(normalize(pixels, prep["mean"], prep["std"])).softmax(dim=-1)[0]
         top = probs.topk(min(args.top_k, probs.numel()))
-        labels = [{"class": model.classes[i], "label": int(i), "probability": round(float(p), 6)}
-                  for p, i in zip(top.values, top.indices, strict=True)]
+        labels = [
+            {"class": model.classes[i], "label": int(i), "probability": round(float(p), 6)}
+            for p, i in zip(top.values, top.indices, strict=True)
+        ]
         answers.append({"image": image, "top": labels})
     if args.json:
         print(json.dumps(answers, indent=2))

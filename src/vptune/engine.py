@@ -27,9 +27,11 @@ class TrainConfig:
     """How a task model is trained (VPT.md, "Training protocol")."""
 
     epochs: int = option(100, "training epochs")
-    warmup_epochs: float = option(10, "linear warmup epochs (at most epochs), then cosine decay; stepped every iteration")
+    warmup_epochs: float = option(
+        10, "linear warmup epochs (at most epochs), then cosine decay; stepped every iteration"
+    )
     batch_size: int = option(64, "images per step")
-    base_lr: float = option(1.0, "base learning rate; the actual lr is base_lr * batch_size / 256")
+    base_lr: float = option(0.1, "base learning rate; the actual lr is base_lr * batch_size / 256")
     weight_decay: float = option(1e-4, "weight decay")
     momentum: float = option(0.9, "SGD momentum")
     seed: int = option(0, "seed for initialisation, shuffling and dropout: same seed, same result on CPU")
@@ -37,7 +39,9 @@ class TrainConfig:
     val_split: str | None = option("val", "split scored after every epoch; none to skip", choices=SPLITS)
     test_split: str | None = option("test", "split scored once at the end; none to skip", choices=SPLITS)
     device: str = option("auto", "cpu, cuda, cuda:1 ... or auto")
-    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
+    precision: str = option(
+        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32")
+    )
     eval_batch_size: int = option(256, "images per evaluation batch")
     progress: bool = option(True, "show a progress bar")
 
@@ -107,7 +111,9 @@ def _batches(model: TaskModel, loader: DataLoader, device: torch.device) -> Iter
 
 
 @torch.no_grad()
-def evaluate(model: TaskModel, dataset: Dataset, batch_size: int = 256, device: str = "auto", precision: str = "auto") -> dict:
+def evaluate(
+    model: TaskModel, dataset: Dataset, batch_size: int = 256, device: str = "auto", precision: str = "auto"
+) -> dict:
     """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (uint8 images, int labels)."""
     device = resolve_device(device) if isinstance(device, str) else device
     was_training = model.training
@@ -160,10 +166,14 @@ def fit(
         step += len(loader)
         metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3)}
         if splits.val is not None:
-            metrics["val_accuracy"] = evaluate(model, splits.val, config.eval_batch_size, device, config.precision)["accuracy"]
+            metrics["val_accuracy"] = evaluate(model, splits.val, config.eval_batch_size, device, config.precision)[
+                "accuracy"
+            ]
         log.write(metrics)
     if splits.test is not None:
-        metrics["test_accuracy"] = evaluate(model, splits.test, config.eval_batch_size, device, config.precision)["accuracy"]
+        metrics["test_accuracy"] = evaluate(model, splits.test, config.eval_batch_size, device, config.precision)[
+            "accuracy"
+        ]
         log.write({"final": True, **metrics})
     model.eval()
     model.record = {**model.record, "train_config": to_dict(config), "metrics": metrics}

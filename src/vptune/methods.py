@@ -77,7 +77,7 @@ def _vpt(deep: bool) -> Builder:
         if not deep and prompt.layers is not None and len(prompt.layers) > 1:
             raise ValueError("vpt-shallow prompts one block: give at most one layer, or use vpt-deep")
         prompt = dataclasses.replace(prompt, deep=deep)
-        return TaskModel(backbone, "", num_classes, prompt, image_size, generator)
+        return TaskModel(backbone, num_classes, prompt, image_size, generator)
 
     return builder
 
@@ -90,7 +90,7 @@ register("vpt-deep")(_vpt(deep=True))
 def _linear(backbone, num_classes, prompt, image_size, generator, **options) -> TaskModel:
     _no_options(options)
     readout = prompt.readout if prompt is not None else "cls"
-    return TaskModel(backbone, "", num_classes, PromptConfig(num_tokens=0, readout=readout), image_size, generator)
+    return TaskModel(backbone, num_classes, PromptConfig(num_tokens=0, readout=readout), image_size, generator)
 
 
 def _no_options(options: dict) -> None:

@@ -18,7 +18,9 @@ class Head(nn.Module):
     def __init__(self, width: int, num_classes: int, num_tasks: int = 1, generator: torch.Generator | None = None):
         super().__init__()
         bound = 1.0 / math.sqrt(width)  # nn.Linear's default range
-        self.weight = nn.Parameter(torch.empty(num_tasks, num_classes, width).uniform_(-bound, bound, generator=generator))
+        self.weight = nn.Parameter(
+            torch.empty(num_tasks, num_classes, width).uniform_(-bound, bound, generator=generator)
+        )
         self.bias = nn.Parameter(torch.empty(num_tasks, num_classes).uniform_(-bound, bound, generator=generator))
 
     @property
@@ -60,7 +62,6 @@ class TaskModel(nn.Module):
     def __init__(
         self,
         backbone: Backbone,
-        method: str,
         num_classes: int,
         prompt: PromptConfig,
         image_size: int,
@@ -69,7 +70,7 @@ class TaskModel(nn.Module):
     ):
         super().__init__()
         self.backbone = backbone
-        self.method = method
+        self.method = "custom"  # build() sets the registry name
         self.prompt_config = prompt
         self.image_size = image_size
         self.options = dict(options or {})
@@ -94,7 +95,9 @@ class TaskModel(nn.Module):
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
             hidden = backbone.run_block(index, hidden)
             if self.prompt_config.drop_after and layers and index == layers[-1]:
-                hidden = torch.cat([hidden[:, : backbone.num_prefix_tokens], hidden[:, backbone.num_prefix_tokens + num_prompts :]], 1)
+                hidden = torch.cat(
+                    [hidden[:, : backbone.num_prefix_tokens], hidden[:, backbone.num_prefix_tokens + num_prompts :]], 1
+                )
                 num_prompts = 0
         tokens = backbone.norm(hidden)
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)

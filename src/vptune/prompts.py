@@ -27,7 +27,9 @@ class PromptConfig:
     """Where, how many and how prompts enter the frozen backbone (VPT.md, "Exact mechanism" and "Variants")."""
 
     num_tokens: int = option(10, "prompt tokens p per prompted layer; 0 disables prompts", short="p")
-    deep: bool = option(False, "VPT-Deep: fresh prompts at every prompted layer, replacing the previous outputs")
+    deep: bool = option(
+        False, "VPT-Deep: fresh prompts at every block, replacing the previous outputs (shallow: block 0 only)"
+    )
     layers: list[int] | None = option(
         None, "0-based blocks that get prompts, negative = from the end; CLI: 0,1,2 or first:3 or last:3"
     )
@@ -54,7 +56,7 @@ class PromptConfig:
         if self.layers is not None:
             _check(len(self.layers) > 0, "layers is empty: give at least one block index, or leave it unset")
             _check(len(set(self.layers)) == len(self.layers), f"layers has repeated blocks: {self.layers}")
-            _check(self.deep or len(self.layers) == 1, "several layers need deep=True (shallow prompts one block)")
+            self.deep = self.deep or len(self.layers) > 1  # each listed block gets fresh prompts
         self._check_combinations()
 
     def _check_combinations(self) -> None:

@@ -65,7 +65,9 @@ def save_task(
         "classes": classes,
         "head": {"type": "linear", "in_features": model.backbone.width, "out_features": model.num_classes},
         "preprocessing": _preprocessing(model, data),
-        "data": {"name": data.name, "path": str(data.root), "layout": data.layout} if data else model.record.get("data"),
+        "data": {"name": data.name, "path": str(data.root), "layout": data.layout}
+        if data
+        else model.record.get("data"),
         "backbone": backbone,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
         "trainable_parameters": sum(t.numel() for t in tensors.values()),
@@ -165,10 +167,11 @@ def _read_tensors(folder: Path, model: TaskModel) -> dict[str, torch.Tensor]:
         raise TaskFileError(f"{file} cannot be read as safetensors ({error}); the task folder is damaged") from error
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise TaskFileError(f"{file} does not match method {model.method!r}: missing {missing}, unexpected {unexpected}")
+        raise TaskFileError(
+            f"{file} does not match method {model.method!r}: missing {missing}, unexpected {unexpected}"
+        )
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise TaskFileError(
-                f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
-            )
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            raise TaskFileError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {want}")
     return tensors
