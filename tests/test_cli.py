@@ -131,3 +131,24 @@ def test_train_on_real_eurosat_at_tiny_size(tmp_path, capsys):
     record = json.loads((out / "vptune.json").read_text())
     assert record["backbone"]["spec"] == "dinov2-small" and record["data"]["name"] == "eurosat"
     assert record["classes"][0] == "AnnualCrop" and record["metrics"]["val_accuracy"] > 0.1
+
+
+def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, tiny_backbone, tiny_task, monkeypatch):
+    import vptune.engine
+
+    real_epoch, calls = vptune.engine._train_epoch, []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(vptune.engine, "_train_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, tiny_backbone, tiny_task, "--method", "vpt-shallow", "--epochs", "3")
+    out = tmp_path / "run"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1]
+    model = vptune.load_task(out)
+    assert model.record["metrics"]["epoch"] == 1 and model.record["train_config"]["epochs"] == 3

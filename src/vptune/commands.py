@@ -33,8 +33,11 @@ def train(args: argparse.Namespace) -> int:
     resolved["image_size"] = model.image_size
     write_resolved(resolved, model.prompt_config, config)
     out = Path(resolved["out"])
-    metrics = fit(model, task, config, out_dir=out)
-    save_task(model, out, classes=task.classes, data=task, metrics=metrics)
+
+    def save(metrics: dict) -> None:  # after every epoch, so an interrupted run keeps its last finished epoch
+        save_task(model, out, classes=task.classes, data=task, metrics=metrics)
+
+    save(fit(model, task, config, out_dir=out, on_epoch_end=save))
     print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2))
     return 0
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +112,11 @@ def _batches(model: TaskModel, loader: DataLoader, device: torch.device) -> Iter
 
 @torch.no_grad()
 def evaluate(
-    model: TaskModel, dataset: Dataset, batch_size: int = 256, device: str = "auto", precision: str = "auto"
+    model: TaskModel,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
 ) -> dict:
     """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (uint8 images, int labels)."""
     device = resolve_device(device) if isinstance(device, str) else device
@@ -135,6 +139,7 @@ def fit(
     data: str | os.PathLike | TaskData | Splits,
     config: TrainConfig | None = None,
     out_dir: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train ``model``'s trainable tensors; return the final metrics.
 
@@ -142,7 +147,8 @@ def fit(
         model: from :func:`vptune.build`; the backbone stays frozen and in eval mode.
         data: a task name (``"eurosat"``), a task folder, a :class:`TaskData`, or ready :class:`Splits`.
         config: the training configuration (default :class:`TrainConfig`).
-        out_dir: when given, one JSON line per epoch is appended to ``out_dir/metrics.jsonl``.
+        out_dir: when given, one JSON line per epoch is written to ``out_dir/metrics.jsonl``.
+        on_epoch_end: called with the epoch's metrics after each epoch (e.g. to save the task so far).
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (epoch, step and lr in the message); files
@@ -153,30 +159,34 @@ def fit(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device).train()
+    model.record = {**model.record, "train_config": to_dict(config)}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     shuffle = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=shuffle)
+    loader = DataLoader(
+        splits.train, config.batch_size, shuffle=True, generator=shuffle, pin_memory=device.type == "cuda"
+    )
     total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
     log = _MetricsLog(out_dir)
-    step, metrics = 0, {}
+
+    def score(dataset: Dataset) -> float:
+        return evaluate(model, dataset, config.eval_batch_size, device, config.precision)["accuracy"]
+
+    metrics: dict = {}
     for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
+        start, step = time.perf_counter(), (epoch - 1) * len(loader)
         train = _train_epoch(model, loader, optimizer, config, device, epoch, step, total, warmup)
-        step += len(loader)
         metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3)}
         if splits.val is not None:
-            metrics["val_accuracy"] = evaluate(model, splits.val, config.eval_batch_size, device, config.precision)[
-                "accuracy"
-            ]
+            metrics["val_accuracy"] = score(splits.val)
         log.write(metrics)
+        model.record["metrics"] = metrics
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
     if splits.test is not None:
-        metrics["test_accuracy"] = evaluate(model, splits.test, config.eval_batch_size, device, config.precision)[
-            "accuracy"
-        ]
+        metrics["test_accuracy"] = score(splits.test)
         log.write({"final": True, **metrics})
     model.eval()
-    model.record = {**model.record, "train_config": to_dict(config), "metrics": metrics}
     return metrics
 
 
