@@ -223,3 +223,13 @@ def test_bad_train_config(field: str, value: float) -> None:
 
 def test_actual_lr_scales_with_batch() -> None:
     assert TrainConfig(base_lr=0.5, batch_size=128).lr == 0.25
+
+
+def test_bf16_autocast_trains_and_reports_fp32_metrics() -> None:
+    """precision=bf16 (the CUDA default) runs the forward under bf16 autocast; checked on CPU autocast here."""
+    model = model_for(tiny_backbone("dinov2"))
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    metrics = vptune.fit(model, Splits(tiny_dataset(8), val=tiny_dataset(4, seed=1)), settings(precision="bf16"))
+    assert torch.bfloat16 in seen and math.isfinite(metrics["train_loss"])
+    assert model.prompts.embeddings.dtype == torch.float32  # parameters stay fp32
