@@ -133,6 +133,58 @@ def test_train_on_real_eurosat_at_tiny_size(tmp_path, capsys):
     assert record["classes"][0] == "AnnualCrop" and record["metrics"]["val_accuracy"] > 0.1
 
 
+ALL_METHODS = (
+    "linear",
+    "mlp-3",
+    "partial-1",
+    "bias",
+    "adapter",
+    "sidetune",
+    "lora",
+    "vpt-shallow",
+    "vpt-deep",
+    "vpt-deep+bias",
+    "full",
+)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (SHARED / "data" / "eurosat").is_dir(), reason="../shared/data is absent")
+@pytest.mark.skipif(not (SHARED / "weights" / "dinov2-small-imgfocus").is_dir(), reason="../shared/weights is absent")
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_trains_on_real_eurosat(tmp_path, capsys, method: str):
+    out = tmp_path / method
+    argv = ["train", "--data", "eurosat", "--method", method, "--image-size", "28", "--out", str(out)]
+    argv += ["--epochs", "1", "--batch-size", "64", "--no-progress", "--test-split", "none"]
+    argv += ["--num-tokens", "2"] if method.startswith("vpt") else []
+    assert main(argv) == 0
+    record = json.loads((out / "vptune.json").read_text())
+    resolved = json.loads((out / "config.json").read_text())
+    assert record["method"] == method and record["metrics"]["val_accuracy"] > 0.1  # 10 classes
+    assert resolved["train"]["optimizer"] == ("adamw" if method == "full" else "sgd")
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    backbone, trainable = record["backbone"], record["trainable_parameters"]
+    multiple = (backbone["parameters"] - backbone["tuned_parameters"] + 24 * trainable) / backbone["parameters"]
+    assert summary["total_params_24_tasks"] == f"{multiple:.2f}x"
+    assert (multiple > 24) == (method == "full")
+
+
+def test_method_options_on_the_command_line(tmp_path, tiny_backbone, tiny_task, capsys):
+    _train(tmp_path, tiny_backbone, tiny_task, "--method", "adapter", "--reduction", "4")
+    record = json.loads((tmp_path / "run" / "vptune.json").read_text())
+    assert record["options"] == {"reduction": 4}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["options"] == {"reduction": 4}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "mlp-0", "--data", str(tiny_task)])
+    assert "unknown method 'mlp-0'" in capsys.readouterr().err
+    argv = ["train", "--method", "linear", "--reduction", "4", "--data", str(tiny_task), "--backbone", tiny_backbone]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 1
+    assert "does not take options ['reduction']" in capsys.readouterr().err
+
+
 def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, tiny_backbone, tiny_task, monkeypatch):
     import vptune.engine
 

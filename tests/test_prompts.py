@@ -417,7 +417,7 @@ INVALID = {
     "unknown method": (lambda bb: vptune.build("vpt-wide", bb, 3), "unknown method"),
     "no classes": (lambda bb: vptune.build("linear", bb, 0), "num_classes"),
     "size not a patch multiple": (lambda bb: vptune.build("vpt-deep", bb, 3, image_size=18), "multiple of the patch"),
-    "unknown option": (lambda bb: vptune.build("linear", bb, 3, image_size=IMAGE, hidden=4), "unexpected options"),
+    "unknown option": (lambda bb: vptune.build("linear", bb, 3, image_size=IMAGE, hidden=4), "does not take options"),
     "add at another size": (lambda bb: make(bb, location="add")(pixels(bb, 1, 24)), "add"),
     "channel at another size": (
         lambda bb: make(bb, "vpt-shallow", location="concat-channel")(pixels(bb, 1, 24)),

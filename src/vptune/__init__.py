@@ -13,14 +13,15 @@ __version__ = "0.1.0"
 
 from .backbones import Backbone, load_backbone, wrap_model
 from .engine import Splits, TrainConfig, TrainingDiverged, evaluate, fit
-from .methods import METHODS, build, register
+from .methods import METHODS, MethodOptions, build, method_names, register
 from .model import TaskModel
 from .prompts import PromptConfig
-from .taskfile import TaskFileError, load_task, save_task
+from .taskfile import TaskFileError, load_task, read_record, save_task
 
 __all__ = [
     "Backbone",
     "METHODS",
+    "MethodOptions",
     "PromptConfig",
     "Splits",
     "TaskFileError",
@@ -32,6 +33,8 @@ __all__ = [
     "fit",
     "load_backbone",
     "load_task",
+    "method_names",
+    "read_record",
     "register",
     "save_task",
     "wrap_model",

@@ -63,6 +63,8 @@ class Backbone(nn.Module):
         self.in_chans = int(getattr(config, "num_channels", 3))
         self.num_prefix_tokens = 1
         self._fingerprint: str | None = None
+        self._num_parameters = sum(p.numel() for p in model.parameters())
+        self.tuned_parameters = 0  # pretrained parameters a method's private copy trains (see modules.own_backbone)
         model.requires_grad_(False)
         model.eval()
 
@@ -128,8 +130,20 @@ class Backbone(nn.Module):
         return (image_size // self.patch_size) ** 2
 
     def num_parameters(self) -> int:
-        """Parameters of the backbone (all frozen)."""
-        return sum(p.numel() for p in self.model.parameters())
+        """Parameters of the pretrained backbone (modules a method inserts later are not counted)."""
+        return self._num_parameters
+
+    def mlp_output(self, index: int) -> nn.Linear:
+        """The output projection of block ``index``'s MLP (its second linear layer)."""
+        return _find_linear(self.blocks[index], MLP_OUTPUT_PATHS, f"the MLP output of block {index}")
+
+    def attention_projections(self, index: int) -> dict[str, nn.Linear]:
+        """Block ``index``'s attention projections by role: ``q``, ``k``, ``v`` and ``o`` (the output)."""
+        block = self.blocks[index]
+        return {
+            role: _find_linear(block, paths, f"the {role} projection of block {index}")
+            for role, paths in ATTENTION_PATHS.items()
+        }
 
     def train(self, mode: bool = True) -> Backbone:
         """The backbone stays in eval mode (its dropout off), whatever the mode of the model around it."""
@@ -157,10 +171,35 @@ class Backbone(nn.Module):
             "depth": self.depth,
             "patch_size": self.patch_size,
             "parameters": self.num_parameters(),
+            "tuned_parameters": self.tuned_parameters,
         }
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, family={self.family}, width={self.width}, depth={self.depth}"
+
+
+# Where blocks keep their linear layers, across families and transformers versions (4.x names last).
+MLP_OUTPUT_PATHS = ("mlp.fc2", "output.dense")
+ATTENTION_PATHS = {
+    "q": ("attention.q_proj", "self_attn.q_proj", "attention.attention.query"),
+    "k": ("attention.k_proj", "self_attn.k_proj", "attention.attention.key"),
+    "v": ("attention.v_proj", "self_attn.v_proj", "attention.attention.value"),
+    "o": ("attention.o_proj", "self_attn.out_proj", "attention.output.dense"),
+}
+
+
+def _find_linear(block: nn.Module, paths: Sequence[str], what: str) -> nn.Linear:
+    for path in paths:
+        try:
+            module = block.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            return module
+    raise ValueError(
+        f"cannot find {what} (looked for {', '.join(paths)} in {type(block).__name__}): "
+        "this backbone's blocks are laid out differently; adapters and LoRA need a Linear there"
+    )
 
 
 class ViTBackbone(Backbone):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .config import read_config_file, to_dict
 from .engine import TrainConfig
-from .methods import METHODS
+from .methods import MethodOptions, get_method, method_names
 from .prompts import PromptConfig
 
-SECTIONS = {"prompt": PromptConfig, "train": TrainConfig}
+SECTIONS = {"prompt": PromptConfig, "train": TrainConfig, "options": MethodOptions}
 RUN_KEYS = ("data", "method", "backbone", "image_size", "out")
 RESOLVED = "config.json"
 
@@ -91,7 +91,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a JSON or YAML file of options; flags given here override it")
     run = parser.add_argument_group("run")
     run.add_argument("--data", help="task name under $VPTUNE_DATA (default ../shared/data) or a task folder")
-    run.add_argument("--method", choices=sorted(METHODS), help="tuning method (default: vpt-deep)")
+    run.add_argument(
+        "--method", type=_method, metavar="METHOD", help=f"{', '.join(method_names())} (default: vpt-deep)"
+    )
     run.add_argument("--backbone", help="backbone spec: dinov2-small, hf:<hub id>, hf:<folder> (default: dinov2-small)")
     run.add_argument("--image-size", type=int, help="square input side (default: the backbone's native size)")
     run.add_argument("--out", help="run folder (default: runs/<data>-<method>)")
@@ -131,6 +133,14 @@ def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
 
 def _owner(field: dataclasses.Field) -> type:
     return next(cls for cls in SECTIONS.values() if field in dataclasses.fields(cls))
+
+
+def _method(name: str) -> str:
+    try:
+        get_method(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return name
 
 
 def _none_or(kind: type):
@@ -174,11 +184,12 @@ def resolve_run_config(args: argparse.Namespace) -> dict:
     return resolved
 
 
-def write_resolved(resolved: dict, prompt: PromptConfig, train: TrainConfig) -> Path:
+def write_resolved(resolved: dict, prompt: PromptConfig, train: TrainConfig, options: dict) -> Path:
     """Write the fully resolved configuration into the run folder."""
     out = Path(resolved["out"])
     out.mkdir(parents=True, exist_ok=True)
     full = {**{key: resolved[key] for key in RUN_KEYS}, "prompt": to_dict(prompt), "train": to_dict(train)}
+    full["options"] = options
     (out / RESOLVED).write_text(json.dumps(full, indent=2) + "\n")
     return out / RESOLVED
 

@@ -29,9 +29,18 @@ def train(args: argparse.Namespace) -> int:
     config = from_dict(TrainConfig, resolved["train"], where="train options")
     task = open_task(resolved["data"])
     backbone = load_backbone(resolved["backbone"])
-    model = build(resolved["method"], backbone, len(task.classes), prompt, resolved["image_size"], seed=config.seed)
+    model = build(
+        resolved["method"],
+        backbone,
+        len(task.classes),
+        prompt,
+        resolved["image_size"],
+        seed=config.seed,
+        **resolved["options"],
+    )
+    config = config.for_method(model.method)
     resolved["image_size"] = model.image_size
-    write_resolved(resolved, model.prompt_config, config)
+    write_resolved(resolved, model.prompt_config, config, model.options)
     out = Path(resolved["out"])
 
     def save(metrics: dict) -> None:  # after every epoch, so an interrupted run keeps its last finished epoch

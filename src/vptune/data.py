@@ -344,8 +344,13 @@ class ImageDataset(Dataset):
             stored = self._stored[index] = decode_image(self.items[index][0], self.preprocess)
         return self._view(stored), self.labels[index]
 
+    @property
+    def augments(self) -> bool:
+        """Whether an image's view changes from one access to the next (fgvc training views); else it can be cached."""
+        return self.train and self.preprocess.protocol == "fgvc"
+
     def _view(self, stored: torch.Tensor) -> torch.Tensor:
-        if not (self.train and self.preprocess.protocol == "fgvc"):
+        if not self.augments:
             return eval_view(stored, self.preprocess).clone()
         size, room = self.preprocess.image_size, stored.shape[-1] - self.preprocess.image_size
         top, left = torch.randint(0, room + 1, (2,), generator=self.generator).tolist()

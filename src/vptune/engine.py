@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .config import option, to_dict
@@ -31,9 +32,20 @@ class TrainConfig:
         10, "linear warmup epochs (at most epochs), then cosine decay; stepped every iteration"
     )
     batch_size: int = option(64, "images per step")
-    base_lr: float = option(0.1, "base learning rate; the actual lr is base_lr * batch_size / 256")
-    weight_decay: float = option(1e-4, "weight decay")
+    base_lr: float | None = option(
+        None, "base learning rate; the actual lr is base_lr * batch_size / 256; none = the method's default"
+    )
+    weight_decay: float = option(1e-4, "weight decay (decoupled for adamw)")
+    optimizer: str = option(
+        "auto", "sgd, adamw, or auto = the method's (adamw for full, sgd otherwise)", choices=("auto", "sgd", "adamw")
+    )
     momentum: float = option(0.9, "SGD momentum")
+    cache: str = option(
+        "auto",
+        "auto: compute the frozen, prompt-free part of the network once per image and train on that "
+        "(when the train split has no augmentation); off: always run the whole network",
+        choices=("auto", "off"),
+    )
     seed: int = option(0, "seed for initialisation, shuffling and dropout: same seed, same result on CPU")
     train_split: str = option("train", "split to train on (train, trainval)", choices=SPLITS)
     val_split: str | None = option("val", "split scored after every epoch; none to skip", choices=SPLITS)
@@ -50,7 +62,7 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
+            (self.base_lr is None or self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
         )
         for ok, message in checks:
@@ -60,7 +72,18 @@ class TrainConfig:
     @property
     def lr(self) -> float:
         """The actual peak learning rate: base_lr * batch_size / 256."""
+        if self.base_lr is None:
+            raise ValueError("TrainConfig.base_lr is unset: call for_method(method) first, or set base_lr")
         return self.base_lr * self.batch_size / 256
+
+    def for_method(self, method: str) -> TrainConfig:
+        """This config with ``base_lr=None`` and ``optimizer="auto"`` replaced by the method's defaults."""
+        from .methods import get_method
+
+        spec = get_method(method)[0] if method != "custom" else None
+        base_lr = self.base_lr if self.base_lr is not None else (spec.base_lr if spec else 0.1)
+        optimizer = self.optimizer if self.optimizer != "auto" else (spec.optimizer if spec else "sgd")
+        return dataclasses.replace(self, base_lr=base_lr, optimizer=optimizer)
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,11 +126,22 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def _batches(model: TaskModel, loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    mean, std = model.backbone.mean, model.backbone.std
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        yield normalize(images, mean, std), labels.to(device, non_blocking=True)
+@dataclass
+class _Stage:
+    """How batches reach the model: pixels (``point`` 0) or cached trunk outputs entering at ``point``."""
+
+    model: TaskModel
+    point: int = 0
+
+    def batches(self, loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mean, std = self.model.backbone.mean, self.model.backbone.std
+        for inputs, labels in loader:
+            inputs = inputs.to(device, non_blocking=True)
+            inputs = normalize(inputs, mean, std) if self.point == 0 else inputs
+            yield inputs, labels.to(device, non_blocking=True)
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs) if self.point == 0 else self.model.forward_from(inputs, self.point)
 
 
 @torch.no_grad()
@@ -120,18 +154,51 @@ def evaluate(
 ) -> dict:
     """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (uint8 images, int labels)."""
     device = resolve_device(device) if isinstance(device, str) else device
+    return _evaluate(_Stage(model), dataset, batch_size, device, precision)
+
+
+@torch.no_grad()
+def _evaluate(stage: _Stage, dataset: Dataset, batch_size: int, device: torch.device, precision: str) -> dict:
+    model = stage.model
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, labels in _batches(model, loader, device):
+    for inputs, labels in stage.batches(DataLoader(dataset, batch_size=batch_size, shuffle=False), device):
         with _autocast(device, precision):
-            logits = model(images).float()
+            logits = stage.logits(inputs).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
         count += labels.numel()
     model.train(was_training)
     return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count), "count": count}
+
+
+def cache_point(model: TaskModel, train: Dataset, config: TrainConfig) -> int:
+    """Where cached training starts (0 = no cache): the model's frozen stretch, if the train split never augments."""
+    if config.cache == "off" or getattr(train, "augments", True):
+        return 0
+    return model.cache_point()
+
+
+@torch.no_grad()
+def cache_dataset(model: TaskModel, dataset: Dataset, point: int, config: TrainConfig, device) -> TensorDataset:
+    """Run every image once through the frozen stretch before ``point``; keep the outputs (on the CPU)."""
+    stage, outputs, labels = _Stage(model), [], []
+    loader = DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False)
+    model.eval()
+    bar = tqdm(loader, desc="caching the frozen trunk", disable=not config.progress, leave=False)
+    for images, targets in stage.batches(bar, device):
+        with _autocast(device, config.precision):
+            outputs.append(model.trunk(images, point).float().cpu())
+        labels.append(targets.cpu())
+    return TensorDataset(torch.cat(outputs), torch.cat(labels))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum, or AdamW with decoupled weight decay (the released code's AdamW ignored it)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def fit(
@@ -146,22 +213,32 @@ def fit(
     Args:
         model: from :func:`vptune.build`; the backbone stays frozen and in eval mode.
         data: a task name (``"eurosat"``), a task folder, a :class:`TaskData`, or ready :class:`Splits`.
-        config: the training configuration (default :class:`TrainConfig`).
+        config: the training configuration (default :class:`TrainConfig`); unset ``base_lr`` and ``optimizer``
+            take the method's defaults.
         out_dir: when given, one JSON line per epoch is written to ``out_dir/metrics.jsonl``.
         on_epoch_end: called with the epoch's metrics after each epoch (e.g. to save the task so far).
+
+    When the part of the network before the first trained tensor is frozen and prompt-free and the train split
+    has no augmentation (``config.cache="auto"``), that part runs once per image and training continues from its
+    cached output: the same result as running the whole network, at a fraction of the cost.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite (epoch, step and lr in the message); files
             written so far stay valid.
     """
-    config = config or TrainConfig()
+    config = (config or TrainConfig()).for_method(model.method)
     splits = data if isinstance(data, Splits) else load_splits(data, config, model.image_size)
     device = resolve_device(config.device)
+    model.to(device)
+    point = cache_point(model, splits.train, config)
+    if point:
+        cached = [cache_dataset(model, d, point, config, device) if d else None for d in (splits.val, splits.test)]
+        splits = Splits(cache_dataset(model, splits.train, point, config, device), *cached)
+    stage = _Stage(model, point)
     torch.manual_seed(config.seed)
-    model.to(device).train()
+    model.train()
     model.record = {**model.record, "train_config": to_dict(config)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     shuffle = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
         splits.train, config.batch_size, shuffle=True, generator=shuffle, pin_memory=device.type == "cuda"
@@ -170,13 +247,13 @@ def fit(
     log = _MetricsLog(out_dir)
 
     def score(dataset: Dataset) -> float:
-        return evaluate(model, dataset, config.eval_batch_size, device, config.precision)["accuracy"]
+        return _evaluate(stage, dataset, config.eval_batch_size, device, config.precision)["accuracy"]
 
     metrics: dict = {}
     for epoch in range(1, config.epochs + 1):
         start, step = time.perf_counter(), (epoch - 1) * len(loader)
-        train = _train_epoch(model, loader, optimizer, config, device, epoch, step, total, warmup)
-        metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3)}
+        train = _train_epoch(stage, loader, optimizer, config, device, epoch, step, total, warmup)
+        metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3), "cached_from": point}
         if splits.val is not None:
             metrics["val_accuracy"] = score(splits.val)
         log.write(metrics)
@@ -190,15 +267,15 @@ def fit(
     return metrics
 
 
-def _train_epoch(model, loader, optimizer, config, device, epoch, step, total, warmup) -> dict:
+def _train_epoch(stage: _Stage, loader, optimizer, config, device, epoch, step, total, warmup) -> dict:
     loss_sum, correct, count = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
-    for images, labels in _batches(model, bar, device):
+    for inputs, labels in stage.batches(bar, device):
         lr = lr_at(step, total, warmup, config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _autocast(device, config.precision):
-            logits = model(images).float()
+            logits = stage.logits(inputs).float()
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(

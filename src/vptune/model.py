@@ -75,7 +75,7 @@ class TaskModel(nn.Module):
         self.image_size = image_size
         self.options = dict(options or {})
         self.prompts = Prompts(prompt, backbone, image_size, generator=generator) if prompt.enabled else None
-        self.head = Head(backbone.width, num_classes, generator=generator)
+        self.head: nn.Module = Head(backbone.width, num_classes, generator=generator)
         self.classes: list[str] | None = None
         self.record: dict = {}
 
@@ -85,12 +85,16 @@ class TaskModel(nn.Module):
 
     def forward_features(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features after the final norm, (B, d)."""
-        backbone, prompts = self.backbone, self.prompts
+        prompts = self.prompts
         delta = prompts.patch_delta(task_ids, pixel_values) if prompts is not None else None
-        hidden = backbone.embed(pixel_values, patch_delta=delta)
+        return self.features_from(self.backbone.embed(pixel_values, patch_delta=delta), 0, task_ids)
+
+    def features_from(self, hidden: torch.Tensor, start: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run blocks ``start..N-1`` (with prompts), the final norm and the read-out on ``hidden``."""
+        backbone, prompts = self.backbone, self.prompts
         layers = prompts.layers if prompts is not None else []
         num_prompts = 0
-        for index in range(backbone.depth):
+        for index in range(start, backbone.depth):
             if index in layers:
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
             hidden = backbone.run_block(index, hidden)
@@ -104,6 +108,43 @@ class TaskModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.forward_features(pixel_values, task_ids), task_ids)
+
+    # --- the cached frozen trunk ---------------------------------------------------------------
+    def cache_point(self) -> int:
+        """Where trained computation starts: 0 (the embedding) .. N (the final norm), N + 1 (the head only).
+
+        Everything before it is frozen and prompt-free, so its output per image never changes while training:
+        :meth:`trunk` computes it once and :meth:`forward_from` continues from it.
+        """
+        backbone, point = self.backbone, self.backbone.depth + 1
+        if self.prompts is not None:
+            has_delta = self.prompt_config.location in ("prepend-pixel", "concat-channel")
+            point = 0 if has_delta else min(point, self.prompts.layers[0])
+        if any(p.requires_grad for p in backbone.norm.parameters()):
+            point = min(point, backbone.depth)
+        trains = [any(p.requires_grad for p in block.parameters()) for block in backbone.blocks]
+        point = min(point, trains.index(True)) if True in trains else point
+        inside = {id(p) for p in backbone.blocks.parameters()} | {id(p) for p in backbone.norm.parameters()}
+        if any(p.requires_grad for p in backbone.parameters() if id(p) not in inside):
+            point = 0  # the embedding (patch, class token, positions, registers) trains
+        return point
+
+    @torch.no_grad()
+    def trunk(self, pixel_values: torch.Tensor, point: int) -> torch.Tensor:
+        """The frozen stretch's output: tokens entering block ``point``, or pooled features when ``point`` is N + 1."""
+        backbone = self.backbone
+        hidden = backbone.embed(pixel_values)
+        for index in range(min(point, backbone.depth)):
+            hidden = backbone.run_block(index, hidden)
+        if point <= backbone.depth:
+            return hidden
+        return read_out(backbone.norm(hidden), self.prompt_config.readout, backbone.num_prefix_tokens, 0)
+
+    def forward_from(self, cached: torch.Tensor, point: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from :meth:`trunk`'s output at ``point``; equals ``self(pixel_values)`` for that input."""
+        if point > self.backbone.depth:
+            return self.head(cached, task_ids)
+        return self.head(self.features_from(cached, point, task_ids), task_ids)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the tensors that train: what a task file stores."""

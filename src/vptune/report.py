@@ -22,6 +22,20 @@ def human_bytes(count: int) -> str:
     return f"{value:.1f} GiB"
 
 
+PAPER_TASKS = 24  # the paper's "total params" counts 19 VTAB-1k + 5 FGVC tasks
+
+
+def params_multiple(record: dict, tasks: int = PAPER_TASKS) -> float:
+    """The paper's "total params" for ``tasks`` tasks: (shared frozen backbone + tasks * per-task) / backbone.
+
+    Pretrained tensors a method trains (``full``, ``bias`` ...) are stored per task, so they are not counted in the
+    shared part: ``full`` gives about ``tasks``x (the paper's 24.02x), ``linear`` about 1.0x.
+    """
+    backbone = record["backbone"]["parameters"]
+    shared = backbone - record["backbone"].get("tuned_parameters", 0)
+    return (shared + tasks * record["trainable_parameters"]) / backbone
+
+
 def task_summary(record: dict, folder: Path) -> dict:
     """What ``vptune inspect`` shows: method, trainable share, bytes, backbone, metrics."""
     trainable, backbone = record["trainable_parameters"], record["backbone"]
@@ -34,6 +48,7 @@ def task_summary(record: dict, folder: Path) -> dict:
         "trainable_parameters": trainable,
         "percent_of_backbone": round(100 * trainable / backbone["parameters"], 4),
         "file_bytes": file_bytes(folder),
+        f"total_params_{PAPER_TASKS}_tasks": f"{params_multiple(record):.2f}x",
         "backbone": f"{backbone['spec']} ({backbone['family']}, {backbone['parameters']:,} params, "
         f"fingerprint {backbone['fingerprint']})",
         "data": record.get("data", {}).get("name"),

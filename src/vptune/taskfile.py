@@ -63,7 +63,7 @@ def save_task(
         "prompt": to_dict(model.prompt_config),
         "num_classes": model.num_classes,
         "classes": classes,
-        "head": {"type": "linear", "in_features": model.backbone.width, "out_features": model.num_classes},
+        "head": _head_record(model),
         "preprocessing": _preprocessing(model, data),
         "data": {"name": data.name, "path": str(data.root), "layout": data.layout}
         if data
@@ -77,6 +77,17 @@ def save_task(
     _atomic(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     model.classes, model.record = classes, record
     return folder
+
+
+def _head_record(model: TaskModel) -> dict:
+    hidden = getattr(model.head, "hidden", [])
+    kind = "mlp" if hidden else "linear"
+    return {
+        "type": kind,
+        "layers": len(hidden) + 1,
+        "in_features": model.backbone.width,
+        "out_features": model.num_classes,
+    }
 
 
 def _preprocessing(model: TaskModel, data: TaskData | None) -> dict:
