@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
+import vptune
 from vptune import load_backbone
 from vptune.cli import main
 
@@ -183,6 +184,24 @@ def test_method_options_on_the_command_line(tmp_path, tiny_backbone, tiny_task, 
     argv = ["train", "--method", "linear", "--reduction", "4", "--data", str(tiny_task), "--backbone", tiny_backbone]
     assert main([*argv, "--out", str(tmp_path / "x")]) == 1
     assert "does not take options ['reduction']" in capsys.readouterr().err
+
+
+def test_demo_trains_each_method_and_prints_one_table(tmp_path, tiny_backbone, tiny_task, capsys):
+    argv = ["demo", "--data", str(tiny_task), "--backbone", tiny_backbone, "--image-size", "16", "--epochs", "1"]
+    argv += ["--methods", "linear,vpt-deep,lora,full", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("[\n") :])
+    assert [row["method"] for row in rows] == ["linear", "vpt-deep", "lora", "full"]
+    assert "| method | trainable params |" in out
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["linear"]["s/epoch"].endswith("(cached)") and "cached" not in by_method["lora"]["s/epoch"]
+    assert by_method["full"]["optimizer, base lr"] == "adamw 0.0005"
+    assert float(by_method["full"]["total params (24 tasks)"].rstrip("x")) > 24
+    for method in by_method:
+        assert vptune.load_task(tmp_path / method).method == method
+    assert main(["demo", "--methods", "linear,nope", "--data", str(tiny_task)]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err
 
 
 def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, tiny_backbone, tiny_task, monkeypatch):

@@ -319,3 +319,11 @@ def test_real_flowers12() -> None:
 def test_real_eurosat_val_loads() -> None:
     ds = load_split(open_task("eurosat"), "val", image_size=32)
     assert len(ds) == 200 and ds[0][0].shape == (3, 32, 32) and set(ds.labels) <= set(range(10))
+
+
+def test_only_fgvc_training_views_augment(tmp_path: Path) -> None:
+    """What the cached frozen trunk relies on: a dataset that does not augment shows the same view every time."""
+    assert fgvc_dataset(tmp_path / "a", train=True).augments
+    assert not fgvc_dataset(tmp_path / "b", train=False).augments
+    vtab = load_split(open_task(make_vtab(tmp_path / "c")), "train", image_size=16, train=True)
+    assert not vtab.augments and torch.equal(vtab[0][0], vtab[0][0])

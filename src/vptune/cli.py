@@ -69,12 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=commands.inspect)
     demo = sub.add_parser(
-        "demo", help="linear vs VPT-Shallow vs VPT-Deep on eurosat", description=commands.demo.__doc__
+        "demo", help="train several methods on one task and print one table", description=commands.demo.__doc__
     )
     demo.add_argument("--data", default="eurosat", help="task name or folder (default: eurosat)")
     demo.add_argument("--backbone", default="dinov2-small", help="backbone spec (default: dinov2-small)")
     demo.add_argument("--image-size", type=int, default=112, help="input side (default: 112)")
     demo.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
+    demo.add_argument(
+        "--methods", help="comma-separated methods (default: linear,vpt-shallow,vpt-deep); any registered name works"
+    )
     demo.add_argument("--out", default="runs/demo", help="folder for the three task folders (default: runs/demo)")
     demo.add_argument("--json", action="store_true", help="also print the table as JSON")
     demo.set_defaults(run=commands.demo)

@@ -14,9 +14,9 @@ from .config import from_dict
 from .data import Preprocess, decode_image, eval_view, load_split, normalize, open_task
 from .engine import TrainConfig, fit, resolve_device
 from .engine import evaluate as evaluate_model
-from .methods import build
+from .methods import build, get_method, prompt_defaults
 from .prompts import PromptConfig
-from .report import file_bytes, human_bytes, markdown_table, task_summary
+from .report import file_bytes, human_bytes, markdown_table, params_multiple, task_summary
 from .taskfile import load_task, read_record, save_task
 
 
@@ -121,24 +121,31 @@ DEMO_METHODS: dict[str, tuple[dict, dict]] = {
     "vpt-shallow": ({"num_tokens": 10}, {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}),
     "vpt-deep": ({"num_tokens": 10, "dropout": 0.1, "deep": True}, {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}),
 }
+# Any other method: its default prompt options, 4 epochs with one warmup epoch, its default optimiser and base lr.
+OTHER_METHODS: tuple[dict, dict] = ({}, {"epochs": 4, "warmup_epochs": 1})
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Train linear, VPT-Shallow and VPT-Deep on eurosat (train800val200 -> test) and print one table."""
+    """Train methods (default: linear, VPT-Shallow, VPT-Deep) on a task (train800val200 -> test); print one table."""
+    methods = args.methods.split(",") if args.methods else list(DEMO_METHODS)
+    for method in methods:
+        get_method(method)  # an unknown name fails before any work
     task = open_task(args.data)
     backbone = load_backbone(args.backbone)
     rows = []
-    for method, (prompt_options, train_options) in DEMO_METHODS.items():
+    for method in methods:
+        prompt_options, train_options = DEMO_METHODS.get(method, OTHER_METHODS)
         if args.epochs:
             train_options = {**train_options, "epochs": args.epochs}
         config = TrainConfig(batch_size=32, weight_decay=1e-4, train_split="trainval", val_split=None, **train_options)
-        prompt = PromptConfig(**prompt_options) if prompt_options else None
+        config = config.for_method(method)
+        prompt = PromptConfig(**{**prompt_defaults(method), **prompt_options})
         model = build(method, backbone, len(task.classes), prompt, args.image_size, seed=config.seed)
         print(f"[demo] {method}: {config.epochs} epochs at {args.image_size}x{args.image_size} on {task.name}")
         start = time.perf_counter()
         metrics = fit(model, task, config, out_dir=Path(args.out) / method)
         folder = save_task(model, Path(args.out) / method, classes=task.classes, data=task, metrics=metrics)
-        rows.append(_demo_row(method, model, backbone, folder, metrics, time.perf_counter() - start))
+        rows.append(_demo_row(model, config, folder, time.perf_counter() - start))
     print()
     print(f"{task.name}, {args.image_size}x{args.image_size}, backbone {backbone.spec}; train800val200 -> test")
     print(markdown_table(rows))
@@ -147,13 +154,20 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_row(method, model, backbone, folder: Path, metrics: dict, seconds: float) -> dict:
-    trainable = model.num_trainable()
+def _demo_row(model, config: TrainConfig, folder: Path, seconds: float) -> dict:
+    record = read_record(folder)
+    epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    epoch_seconds = [line["seconds"] for line in epochs if not line.get("final")]
+    trainable, backbone = record["trainable_parameters"], record["backbone"]["parameters"]
     return {
-        "method": method,
+        "method": model.method,
         "trainable params": f"{trainable:,}",
-        "% of backbone": f"{100 * trainable / backbone.num_parameters():.3f}%",
+        "% of backbone": f"{100 * trainable / backbone:.3f}%",
         "task file": human_bytes(file_bytes(folder)),
-        "test accuracy": f"{100 * metrics['test_accuracy']:.2f}",
+        "total params (24 tasks)": f"{params_multiple(record):.2f}x",
+        "optimizer, base lr": f"{config.optimizer} {config.base_lr:g}",
+        "test accuracy": f"{100 * record['metrics']['test_accuracy']:.2f}",
+        "s/epoch": f"{sum(epoch_seconds) / len(epoch_seconds):.1f}"
+        + (" (cached)" if epochs[-1]["cached_from"] else ""),
         "train+eval time": f"{seconds:.0f} s",
     }
