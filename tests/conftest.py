@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import (
     CLIPVisionConfig,
@@ -111,3 +115,35 @@ def tiny_dataset(n: int = 16, num_classes: int = 3, size: int = IMAGE, seed: int
     base = torch.tensor(labels, dtype=torch.float32).view(-1, 1, 1, 1) * (200 / max(1, num_classes - 1)) + 20
     noise = torch.randint(-20, 21, (n, 3, size, size), generator=generator)
     return ImageSet((base + noise).clamp(0, 255).to(torch.uint8), labels)
+
+
+@pytest.fixture(scope="session")
+def saved_backbone(tmp_path_factory) -> str:
+    """A tiny random DINOv2 saved as a transformers folder: the spec ``hf:<folder>``."""
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16)
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    Dinov2Model(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> Path:
+    """Three colour classes in the VTAB-1k list layout."""
+    root = tmp_path_factory.mktemp("colors")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+    lines: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
+    for split, count in (("train800", 24), ("val200", 9), ("test", 12)):
+        for i in range(count):
+            label = i % 3
+            pixels = np.clip(np.array(colours[label]) + rng.integers(-20, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            name = f"images/{split}_{i}.png"
+            Image.fromarray(pixels).save(root / name)
+            lines[split].append(f"{name} {label}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    (root / "train800val200.txt").write_text("\n".join(lines["train800"] + lines["val200"]) + "\n")
+    (root / "classes.txt").write_text("red\ngreen\nblue\n")
+    return root

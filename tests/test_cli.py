@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 import vptune
@@ -16,37 +14,6 @@ from vptune import load_backbone
 from vptune.cli import main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16)
-    folder = tmp_path_factory.mktemp("tiny-dinov2")
-    Dinov2Model(config).save_pretrained(folder)
-    return f"hf:{folder}"
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory) -> Path:
-    """Three colour classes in the VTAB-1k list layout."""
-    root = tmp_path_factory.mktemp("colors")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
-    lines: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
-    for split, count in (("train800", 24), ("val200", 9), ("test", 12)):
-        for i in range(count):
-            label = i % 3
-            pixels = np.clip(np.array(colours[label]) + rng.integers(-20, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
-            name = f"images/{split}_{i}.png"
-            Image.fromarray(pixels).save(root / name)
-            lines[split].append(f"{name} {label}")
-    for split, rows in lines.items():
-        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
-    (root / "train800val200.txt").write_text("\n".join(lines["train800"] + lines["val200"]) + "\n")
-    (root / "classes.txt").write_text("red\ngreen\nblue\n")
-    return root
 
 
 def _train(tmp_path: Path, backbone: str, task: Path, *extra: str) -> Path:
@@ -57,8 +24,8 @@ def _train(tmp_path: Path, backbone: str, task: Path, *extra: str) -> Path:
     return out
 
 
-def test_train_writes_run_folder_and_eval_predict_inspect_read_it(tmp_path, tiny_backbone, tiny_task, capsys):
-    out = _train(tmp_path, tiny_backbone, tiny_task, "--method", "vpt-deep", "--num-tokens", "3")
+def test_train_writes_run_folder_and_eval_predict_inspect_read_it(tmp_path, saved_backbone, tiny_task, capsys):
+    out = _train(tmp_path, saved_backbone, tiny_task, "--method", "vpt-deep", "--num-tokens", "3")
     assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "vptune.json", "weights.safetensors"}
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["prompt"]["num_tokens"] == 3 and resolved["prompt"]["deep"] is True
@@ -79,17 +46,17 @@ def test_train_writes_run_folder_and_eval_predict_inspect_read_it(tmp_path, tiny
 
     assert main(["inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    backbone = load_backbone(tiny_backbone)
+    backbone = load_backbone(saved_backbone)
     expected = 2 * 3 * 32 + 32 * 3 + 3  # deep prompts N*p*d + head d*C + C
     assert summary["trainable_parameters"] == expected
     assert summary["percent_of_backbone"] == round(100 * expected / backbone.num_parameters(), 4)
     assert summary["file_bytes"] == sum(f.stat().st_size for f in (out / "vptune.json", out / "weights.safetensors"))
 
 
-def test_config_file_is_read_and_flags_override_it(tmp_path, tiny_backbone, tiny_task):
+def test_config_file_is_read_and_flags_override_it(tmp_path, saved_backbone, tiny_task):
     config = tmp_path / "run.yaml"
     config.write_text("method: vpt-shallow\nprompt:\n  num_tokens: 4\n  init: zeros\ntrain:\n  epochs: 5\n")
-    out = _train(tmp_path, tiny_backbone, tiny_task, "--config", str(config), "--num-tokens", "2")
+    out = _train(tmp_path, saved_backbone, tiny_task, "--config", str(config), "--num-tokens", "2")
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["method"] == "vpt-shallow"
     assert resolved["prompt"]["num_tokens"] == 2  # flag beats file
@@ -97,10 +64,10 @@ def test_config_file_is_read_and_flags_override_it(tmp_path, tiny_backbone, tiny
     assert resolved["train"]["epochs"] == 2  # flag beats file
 
 
-def test_bad_input_gives_clear_errors(tmp_path, tiny_backbone, tiny_task, capsys):
-    assert main(["train", "--backbone", tiny_backbone]) == 1
+def test_bad_input_gives_clear_errors(tmp_path, saved_backbone, tiny_task, capsys):
+    assert main(["train", "--backbone", saved_backbone]) == 1
     assert "--data" in capsys.readouterr().err
-    assert main(["train", "--data", str(tmp_path / "nowhere"), "--backbone", tiny_backbone]) == 1
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--backbone", saved_backbone]) == 1
     assert "nowhere" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_task), "--backbone", "resnet"]) == 1
     assert "accepted forms" in capsys.readouterr().err
@@ -108,8 +75,8 @@ def test_bad_input_gives_clear_errors(tmp_path, tiny_backbone, tiny_task, capsys
     assert "vptune.json" in capsys.readouterr().err
 
 
-def test_other_backbone_is_refused_unless_allowed(tmp_path, tiny_backbone, tiny_task, capsys):
-    out = _train(tmp_path, tiny_backbone, tiny_task, "--method", "linear")
+def test_other_backbone_is_refused_unless_allowed(tmp_path, saved_backbone, tiny_task, capsys):
+    out = _train(tmp_path, saved_backbone, tiny_task, "--method", "linear")
     torch.manual_seed(1)
     other = tmp_path / "other"
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16)
@@ -117,7 +84,7 @@ def test_other_backbone_is_refused_unless_allowed(tmp_path, tiny_backbone, tiny_
     capsys.readouterr()
     assert main(["eval", str(out), "--backbone", f"hf:{other}"]) == 1
     error = capsys.readouterr().err
-    assert load_backbone(tiny_backbone).fingerprint() in error and load_backbone(f"hf:{other}").fingerprint() in error
+    assert load_backbone(saved_backbone).fingerprint() in error and load_backbone(f"hf:{other}").fingerprint() in error
     assert main(["eval", str(out), "--backbone", f"hf:{other}", "--allow-other-backbone"]) == 0
 
 
@@ -172,8 +139,8 @@ def test_every_method_trains_on_real_eurosat(tmp_path, capsys, method: str):
     assert (multiple > 24) == (method == "full")
 
 
-def test_method_options_on_the_command_line(tmp_path, tiny_backbone, tiny_task, capsys):
-    _train(tmp_path, tiny_backbone, tiny_task, "--method", "adapter", "--reduction", "4")
+def test_method_options_on_the_command_line(tmp_path, saved_backbone, tiny_task, capsys):
+    _train(tmp_path, saved_backbone, tiny_task, "--method", "adapter", "--reduction", "4")
     record = json.loads((tmp_path / "run" / "vptune.json").read_text())
     assert record["options"] == {"reduction": 4}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["options"] == {"reduction": 4}
@@ -181,13 +148,13 @@ def test_method_options_on_the_command_line(tmp_path, tiny_backbone, tiny_task, 
     with pytest.raises(SystemExit):
         main(["train", "--method", "mlp-0", "--data", str(tiny_task)])
     assert "unknown method 'mlp-0'" in capsys.readouterr().err
-    argv = ["train", "--method", "linear", "--reduction", "4", "--data", str(tiny_task), "--backbone", tiny_backbone]
+    argv = ["train", "--method", "linear", "--reduction", "4", "--data", str(tiny_task), "--backbone", saved_backbone]
     assert main([*argv, "--out", str(tmp_path / "x")]) == 1
     assert "does not take options ['reduction']" in capsys.readouterr().err
 
 
-def test_demo_trains_each_method_and_prints_one_table(tmp_path, tiny_backbone, tiny_task, capsys):
-    argv = ["demo", "--data", str(tiny_task), "--backbone", tiny_backbone, "--image-size", "16", "--epochs", "1"]
+def test_demo_trains_each_method_and_prints_one_table(tmp_path, saved_backbone, tiny_task, capsys):
+    argv = ["demo", "--data", str(tiny_task), "--backbone", saved_backbone, "--image-size", "16", "--epochs", "1"]
     argv += ["--methods", "linear,vpt-deep,lora,full", "--out", str(tmp_path), "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -204,7 +171,7 @@ def test_demo_trains_each_method_and_prints_one_table(tmp_path, tiny_backbone, t
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, tiny_backbone, tiny_task, monkeypatch):
+def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, saved_backbone, tiny_task, monkeypatch):
     import vptune.engine
 
     real_epoch, calls = vptune.engine._train_epoch, []
@@ -217,7 +184,7 @@ def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, tiny_backbone, 
 
     monkeypatch.setattr(vptune.engine, "_train_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path, tiny_backbone, tiny_task, "--method", "vpt-shallow", "--epochs", "3")
+        _train(tmp_path, saved_backbone, tiny_task, "--method", "vpt-shallow", "--epochs", "3")
     out = tmp_path / "run"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1]

@@ -81,7 +81,35 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the three task folders (default: runs/demo)")
     demo.add_argument("--json", action="store_true", help="also print the table as JSON")
     demo.set_defaults(run=commands.demo)
+    sweep = sub.add_parser(
+        "sweep", help="the paper's protocol for one task and method", description=commands.sweep.__doc__
+    )
+    sweep.add_argument("--data", required=True, help="task name under $VPTUNE_DATA or a task folder")
+    sweep.add_argument("--method", required=True, type=_method, help="tuning method")
+    sweep.add_argument("--lr", type=_float_list, help="base lrs to try, e.g. 0.5,0.1 (default: the budget's grid)")
+    sweep.add_argument("--wd", type=_float_list, help="weight decays to try (default: the budget's grid)")
+    sweep.add_argument("--num-tokens", type=_int_list, help="prompt lengths to try, e.g. 1,10,50 (prompted methods)")
+    _add_protocol_options(sweep)
+    sweep.set_defaults(run=commands.sweep)
+    bench = sub.add_parser("bench", help="tasks x methods: sweeps, table, figures", description=commands.bench.__doc__)
+    bench.add_argument("--tasks", help="comma-separated tasks (default: the 9-task offline suite)")
+    bench.add_argument("--methods", help="comma-separated methods (default: the paper's ten)")
+    _add_protocol_options(bench)
+    bench.set_defaults(run=commands.bench)
     return parser
+
+
+def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    from .sweep import BUDGETS
+
+    budgets = "; ".join(f"{name}: {budget.note}" for name, budget in BUDGETS.items())
+    parser.add_argument("--budget", default="smoke", choices=list(BUDGETS), help=f"compute preset ({budgets})")
+    parser.add_argument("--seeds", type=int, help="seeds of the final retraining (default: the budget's)")
+    parser.add_argument("--backbone", default="dinov2-small", help="backbone spec (default: dinov2-small)")
+    parser.add_argument("--backend", default="local", choices=("local", "ray"), help="where runs execute")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--out", required=True, help="output folder; rerunning the same command resumes it")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +179,13 @@ def _none_or(kind: type):
         return None if text.lower() == "none" else kind(text)
 
     return parse
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
 
 
 def _int_list(text: str) -> list[int]:

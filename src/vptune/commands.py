@@ -12,6 +12,7 @@ import torch
 from .backbones import load_backbone
 from .config import from_dict
 from .data import Preprocess, decode_image, eval_view, load_split, normalize, open_task
+from .distributed import is_main
 from .engine import TrainConfig, fit, resolve_device
 from .engine import evaluate as evaluate_model
 from .methods import build, get_method, prompt_defaults
@@ -40,14 +41,17 @@ def train(args: argparse.Namespace) -> int:
     )
     config = config.for_method(model.method)
     resolved["image_size"] = model.image_size
-    write_resolved(resolved, model.prompt_config, config, model.options)
+    if is_main():
+        write_resolved(resolved, model.prompt_config, config, model.options)
     out = Path(resolved["out"])
 
     def save(metrics: dict) -> None:  # after every epoch, so an interrupted run keeps its last finished epoch
         save_task(model, out, classes=task.classes, data=task, metrics=metrics)
 
-    save(fit(model, task, config, out_dir=out, on_epoch_end=save))
-    print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2))
+    metrics = fit(model, task, config, out_dir=out, on_epoch_end=save)
+    if is_main():  # under torchrun only rank 0 writes
+        save(metrics)
+        print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2))
     return 0
 
 
@@ -171,3 +175,54 @@ def _demo_row(model, config: TrainConfig, folder: Path, seconds: float) -> dict:
         + (" (cached)" if epochs[-1]["cached_from"] else ""),
         "train+eval time": f"{seconds:.0f} s",
     }
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Grid on train800 scored on val200, the best (ties: smaller lr) retrained on train800val200 with seeds."""
+    from .sweep import plan_sweep, run_sweep
+
+    plan = plan_sweep(
+        str(open_task(args.data).root), args.method, args.budget, args.backbone, args.lr, args.wd, args.num_tokens,
+        args.seeds,
+    )  # fmt: skip
+    total = len(plan.grid_runs()) + plan.seeds
+    with _RunProgress(total, args.progress) as progress:
+        result = run_sweep(plan, args.out, args.backend, args.ray_address, progress.update)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0 if result else 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    """One sweep per task x method, then the paper-style table (markdown, CSV) and figures (PNG)."""
+    from .bench import DEFAULT_METHODS, SUITE, plan_bench, run_bench
+
+    tasks = args.tasks.split(",") if args.tasks else list(SUITE)
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    roots = [str(open_task(task).root) for task in tasks]  # a missing task fails before any training
+    plans = plan_bench(roots, methods, args.budget, args.backbone, seeds=args.seeds)
+    total = sum(len(plan.grid_runs()) + plan.seeds for plan in plans.values())
+    with _RunProgress(total, args.progress) as progress:
+        summary = run_bench(plans, args.out, args.backend, args.ray_address, progress.update)
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"{len(plans)} sweeps in {summary['seconds']:.0f} s; table, CSV and figures in {args.out}")
+    return 0
+
+
+class _RunProgress:
+    """Runs done / total with the time left, as runs finish (resumed runs count at once)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="runs", unit="run", disable=not enabled)
+
+    def update(self, result: dict) -> None:
+        spec = result["spec"]
+        self.bar.set_postfix_str(f"{Path(spec['task']).name} {spec['method']} {spec['id']}", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self) -> _RunProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

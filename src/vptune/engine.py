@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from .config import option, to_dict
 from .data import SPLITS, TaskData, load_split, normalize, open_task
+from .distributed import init_process_group, is_main, local_device, rank, world_size
 from .model import TaskModel
 
 METRICS = "metrics.jsonl"
@@ -140,8 +143,9 @@ class _Stage:
             inputs = normalize(inputs, mean, std) if self.point == 0 else inputs
             yield inputs, labels.to(device, non_blocking=True)
 
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs) if self.point == 0 else self.model.forward_from(inputs, self.point)
+    def logits(self, inputs: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits through ``module`` (the model, or its DistributedDataParallel wrapper)."""
+        return (module or self.model)(inputs, start=self.point)
 
 
 @torch.no_grad()
@@ -228,7 +232,10 @@ def fit(
     """
     config = (config or TrainConfig()).for_method(model.method)
     splits = data if isinstance(data, Splits) else load_splits(data, config, model.image_size)
-    device = resolve_device(config.device)
+    device = local_device(resolve_device(config.device))
+    world = world_size() if init_process_group(device) else 1
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
     model.to(device)
     point = cache_point(model, splits.train, config)
     if point:
@@ -239,26 +246,27 @@ def fit(
     model.train()
     model.record = {**model.record, "train_config": to_dict(config)}
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    shuffle = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        splits.train, config.batch_size, shuffle=True, generator=shuffle, pin_memory=device.type == "cuda"
-    )
+    # the same order of samples for any number of processes: rank r of w takes every w-th of one permutation
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank(), shuffle=True, seed=config.seed)
+    loader = DataLoader(splits.train, config.batch_size // world, sampler=sampler, pin_memory=device.type == "cuda")
+    trained = DistributedDataParallel(model) if world > 1 else model
     total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
-    log = _MetricsLog(out_dir)
+    log = _MetricsLog(out_dir if is_main() else None)
 
     def score(dataset: Dataset) -> float:
         return _evaluate(stage, dataset, config.eval_batch_size, device, config.precision)["accuracy"]
 
     metrics: dict = {}
     for epoch in range(1, config.epochs + 1):
+        sampler.set_epoch(epoch)
         start, step = time.perf_counter(), (epoch - 1) * len(loader)
-        train = _train_epoch(stage, loader, optimizer, config, device, epoch, step, total, warmup)
+        train = _train_epoch(stage, trained, loader, optimizer, config, device, epoch, step, total, warmup)
         metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3), "cached_from": point}
         if splits.val is not None:
             metrics["val_accuracy"] = score(splits.val)
         log.write(metrics)
         model.record["metrics"] = metrics
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and is_main():
             on_epoch_end(metrics)
     if splits.test is not None:
         metrics["test_accuracy"] = score(splits.test)
@@ -267,15 +275,16 @@ def fit(
     return metrics
 
 
-def _train_epoch(stage: _Stage, loader, optimizer, config, device, epoch, step, total, warmup) -> dict:
-    loss_sum, correct, count = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+def _train_epoch(stage: _Stage, trained, loader, optimizer, config, device, epoch, step, total, warmup) -> dict:
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    quiet = not config.progress or not is_main()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False)
     for inputs, labels in stage.batches(bar, device):
         lr = lr_at(step, total, warmup, config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with _autocast(device, config.precision):
-            logits = stage.logits(inputs).float()
+            logits = stage.logits(inputs, trained).float()
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -286,10 +295,11 @@ def _train_epoch(stage: _Stage, loader, optimizer, config, device, epoch, step, 
         loss.backward()
         optimizer.step()
         step += 1
-        loss_sum += loss.item() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += labels.numel()
-        bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}", lr=f"{lr:.3g}")
+        sums += torch.tensor([loss.item() * labels.numel(), (logits.argmax(1) == labels).sum().item(), labels.numel()])
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", lr=f"{lr:.3g}")
+    if dist.is_initialized():
+        dist.all_reduce(sums)  # every process reports the whole epoch
+    loss_sum, correct, count = sums.tolist()
     return {"train_loss": loss_sum / max(1, count), "train_accuracy": correct / max(1, count), "lr": lr}
 
 

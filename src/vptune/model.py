@@ -106,7 +106,12 @@ class TaskModel(nn.Module):
         tokens = backbone.norm(hidden)
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)
 
-    def forward(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0
+    ) -> torch.Tensor:
+        """Logits (B, C). With ``start`` > 0 the input is :meth:`trunk`'s output at that point, not pixels."""
+        if start:
+            return self.forward_from(pixel_values, start, task_ids)
         return self.head(self.forward_features(pixel_values, task_ids), task_ids)
 
     # --- the cached frozen trunk ---------------------------------------------------------------

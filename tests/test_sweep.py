@@ -1,0 +1,149 @@
+"""The protocol: grid on val, choice (ties -> smaller lr), seeds on test, resuming, the bench table and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vptune
+import vptune.sweep
+from vptune.bench import bench_table, plan_bench, run_bench
+from vptune.cli import main
+from vptune.sweep import BUDGETS, Budget, choose, plan_sweep, run_sweep
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
+
+
+def result(lr: float, wd: float, val: float | None) -> dict:
+    setting = {"base_lr": lr, "weight_decay": wd, "num_tokens": None}
+    return {"spec": {"setting": setting}, "metrics": {"val_accuracy": val}}
+
+
+def test_choice_is_best_val_and_ties_go_to_the_smaller_lr() -> None:
+    grid = [result(0.5, 0.0, 0.8), result(0.1, 0.0, 0.8), result(0.25, 0.0, 0.7), result(50, 0.0, None)]
+    assert choose(grid)["base_lr"] == 0.1
+    assert choose([result(0.5, 0.0, 0.9), result(0.1, 0.0, 0.8)])["base_lr"] == 0.5
+    assert choose([result(0.1, 0.01, 0.8), result(0.1, 0.0, 0.8)])["weight_decay"] == 0.0
+
+
+def test_budgets_and_grids() -> None:
+    smoke = plan_sweep("eurosat", "vpt-deep", "smoke")
+    assert len(smoke.grid_runs()) == 4 and smoke.seeds == 1  # 2 x 2
+    paper = plan_sweep("eurosat", "vpt-deep", "paper")
+    assert len(paper.settings) == 40 and paper.seeds == 5 and BUDGETS["paper"].image_size == 224
+    assert plan_sweep("eurosat", "full", "paper").lrs == (0.005, 0.001, 0.0005, 0.0001)
+    assert len(plan_sweep("eurosat", "linear", "cpu").settings) == 4  # head-only: a cheap grid
+    assert plan_sweep("eurosat", "vpt-deep", "cpu").grid_runs() == []  # one setting: nothing to score
+    tokens = plan_sweep("eurosat", "vpt-deep", "smoke", lrs=[0.1], wds=[0.0], num_tokens=[1, 10, 50])
+    assert [s["num_tokens"] for s in tokens.settings] == [1, 10, 50]
+    assert {run["prompt"]["num_tokens"] for run in tokens.grid_runs()} == {1, 10, 50}
+    final = tokens.final_runs(tokens.settings[1])
+    assert final[0]["train"]["train_split"] == "trainval" and final[0]["train"]["test_split"] == "test"
+    with pytest.raises(ValueError, match="has no prompts"):
+        plan_sweep("eurosat", "linear", "smoke", num_tokens=[10])
+    with pytest.raises(ValueError, match="seeds"):
+        plan_sweep("eurosat", "linear", "smoke", seeds=0)
+
+
+def test_sweep_runs_chooses_retrains_and_resumes(tmp_path, saved_backbone, tiny_task, monkeypatch) -> None:
+    plan = plan_sweep(str(tiny_task), "vpt-shallow", TINY, saved_backbone, lrs=[2.0, 0.5], num_tokens=[2])
+    out = tmp_path / "sweep"
+    summary = run_sweep(plan, out)
+    grid = {row["setting"]["base_lr"]: row["val_accuracy"] for row in summary["grid"]}
+    best = max(grid.values())
+    assert summary["choice"]["base_lr"] == min(lr for lr, val in grid.items() if val == best)
+    assert len(summary["test_accuracy"]) == 2 and summary["seeds"] == 2
+    assert summary["test_mean"] == pytest.approx(sum(summary["test_accuracy"]) / 2)
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["choice"] == summary["choice"] and (out / "summary.md").read_text().startswith("# vpt-shallow")
+    for run_id in summary["runs"]:
+        spec = json.loads((out / "runs" / f"{run_id}.json").read_text())["spec"]
+        assert spec["id"] == run_id
+    final = [r for r in summary["runs"] if r.startswith("final")]
+    model = vptune.load_task(out / "tasks" / final[0])  # final runs keep reloadable task folders
+    assert model.method == "vpt-shallow" and model.record["train_config"]["train_split"] == "trainval"
+
+    calls: list[str] = []
+    real = vptune.sweep.execute_run
+    monkeypatch.setattr(vptune.sweep, "execute_run", lambda spec: calls.append(spec["id"]) or real(spec))
+    assert run_sweep(plan, out)["test_accuracy"] == summary["test_accuracy"]
+    assert calls == []  # everything was finished: nothing runs again
+    (out / "runs" / f"{final[1]}.json").unlink()  # as if interrupted during the last run
+    (out / "runs" / f"{final[0]}.json").write_text('{"spec": ')  # and a torn write
+    assert run_sweep(plan, out)["test_accuracy"] == summary["test_accuracy"]  # same seed, same result on CPU
+    assert sorted(calls) == sorted(final)
+
+
+def test_diverged_grid_points_lose(tmp_path, saved_backbone, tiny_task, monkeypatch) -> None:
+    import vptune.engine
+
+    real_fit = vptune.engine.fit
+
+    def fit(model, data, config, *args, **kwargs):
+        if config.base_lr == 1e9:
+            raise vptune.TrainingDiverged("loss became nan at epoch 1, step 1")
+        return real_fit(model, data, config, *args, **kwargs)
+
+    monkeypatch.setattr(vptune.engine, "fit", fit)
+    plan = plan_sweep(str(tiny_task), "linear", TINY, saved_backbone, lrs=[1e9, 0.5], seeds=1)
+    summary = run_sweep(plan, tmp_path)
+    assert summary["choice"]["base_lr"] == 0.5
+    assert [row["val_accuracy"] for row in summary["grid"] if row["setting"]["base_lr"] == 1e9] == [None]
+
+
+def test_bench_table_groups_and_figures(tmp_path, saved_backbone, tiny_task) -> None:
+    plans = plan_bench([str(tiny_task)], ["linear", "vpt-deep"], TINY, saved_backbone, lrs=[0.5], seeds=1)
+    summary = run_bench(plans, tmp_path)
+    rows = {row["method"]: row for row in summary["rows"]}
+    name = tiny_task.name
+    assert set(rows) == {"linear", "vpt-deep"} and rows["linear"]["mean other"] == rows["linear"][name]
+    assert rows["vpt-deep"]["trainable %"] > rows["linear"]["trainable %"]
+    for file in ("bench.md", "bench.csv", "bench.json", "accuracy.png", "tradeoff.png"):
+        assert (tmp_path / file).stat().st_size > 0
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "bench.csv").read_text().splitlines()[0].startswith(f"method,{name},")
+
+
+def test_bench_groups_follow_vtab() -> None:
+    cell = {"test_mean": 0.5, "trainable_parameters": 10, "backbone_parameters": 1000, "tuned_parameters": 0}
+    tasks = ["eurosat", "cifar10", "dsprites_loc", "coil20_pose"]
+    results = {(task, "linear"): {**cell, "test_mean": 0.1 * (i + 1)} for i, task in enumerate(tasks)}
+    row = bench_table(results, tasks, ["linear"])[0]
+    assert row["mean specialized"] == pytest.approx(10) and row["mean natural"] == pytest.approx(20)
+    assert row["mean structured"] == pytest.approx(35) and row["mean"] == pytest.approx(25)
+    assert row["total params"] == pytest.approx((1000 + 4 * 10) / 1000) and row["trainable %"] == pytest.approx(1)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (SHARED / "data" / "retinamnist").is_dir(), reason="../shared/data is absent")
+@pytest.mark.skipif(not (SHARED / "weights" / "dinov2-small-imgfocus").is_dir(), reason="../shared/weights is absent")
+def test_bench_smoke_budget_on_the_real_suite(tmp_path, capsys) -> None:
+    argv = ["bench", "--budget", "smoke", "--tasks", "retinamnist,coil20_pose", "--methods", "linear,vpt-deep"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | retinamnist | coil20_pose | mean specialized | mean structured | mean |" in out
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["budget"] == "smoke" and len(summary["rows"]) == 2
+    sweep = json.loads((tmp_path / "coil20_pose" / "vpt-deep" / "sweep.json").read_text())
+    assert len(sweep["grid"]) == 4 and sweep["seeds"] == 1 and 0 <= sweep["test_mean"] <= 1
+    assert (tmp_path / "tradeoff.png").is_file()
+
+
+def test_sweep_command_writes_and_resumes(tmp_path, saved_backbone, tiny_task, capsys) -> None:
+    argv = ["sweep", "--data", str(tiny_task), "--method", "linear", "--backbone", saved_backbone, "--budget", "smoke"]
+    argv += ["--lr", "0.5,0.1", "--wd", "0", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# linear on colors") and "Test accuracy over 2 seed(s)" in out
+    first = json.loads((tmp_path / "sweep.json").read_text())
+    assert [row["setting"]["base_lr"] for row in first["grid"]] == [0.1, 0.5] and first["budget"]["name"] == "smoke"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    assert main(argv) == 0  # the same command again: every run is found finished
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()} == stamps
+    assert json.loads((tmp_path / "sweep.json").read_text())["test_accuracy"] == first["test_accuracy"]
+    capsys.readouterr()
+    assert main(["sweep", "--data", str(tiny_task), "--method", "linear", "--num-tokens", "5", "--out", "x"]) == 1
+    assert "has no prompts" in capsys.readouterr().err
