@@ -11,6 +11,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 import vptune
 from vptune import load_backbone
+from vptune.bench import DEFAULT_METHODS
 from vptune.cli import main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -101,19 +102,7 @@ def test_train_on_real_eurosat_at_tiny_size(tmp_path, capsys):
     assert record["classes"][0] == "AnnualCrop" and record["metrics"]["val_accuracy"] > 0.1
 
 
-ALL_METHODS = (
-    "linear",
-    "mlp-3",
-    "partial-1",
-    "bias",
-    "adapter",
-    "sidetune",
-    "lora",
-    "vpt-shallow",
-    "vpt-deep",
-    "vpt-deep+bias",
-    "full",
-)
+ALL_METHODS = (*DEFAULT_METHODS, "vpt-deep+bias")  # the paper's ten plus the extras
 
 
 @pytest.mark.real

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import DEPTH, IMAGE, WIDTH, pixels, tiny_backbone
 
 import vptune
+from vptune.bench import DEFAULT_METHODS
 from vptune.engine import TrainConfig, make_optimizer
 from vptune.methods import ADAMW_LR_GRID, METHODS, SGD_LR_GRID, WD_GRID, build, get_method, method_names
 from vptune.report import params_multiple
@@ -23,20 +24,7 @@ def mlp_width(family: str) -> int:
     return 4 * WIDTH if family.startswith("dinov2") else 2 * WIDTH
 
 
-ALL = (
-    "linear",
-    "mlp-3",
-    "partial-1",
-    "partial-2",
-    "bias",
-    "adapter",
-    "sidetune",
-    "lora",
-    "vpt-shallow",
-    "vpt-deep",
-    "vpt-deep+bias",
-    "full",
-)
+ALL = (*DEFAULT_METHODS, "partial-2", "vpt-deep+bias")  # the paper's ten plus the extras
 HEAD = {"head.weight", "head.bias"}
 
 
