@@ -96,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", help="comma-separated methods (default: the paper's ten)")
     _add_protocol_options(bench)
     bench.set_defaults(run=commands.bench)
+    serve = sub.add_parser(
+        "serve", help="serve many tasks over one backbone (HTTP)", description=commands.serve.__doc__
+    )
+    serve.add_argument("runs", metavar="RUN", nargs="+", help="task folders, or folders holding task folders")
+    serve.add_argument("--backbone", help="backbone spec (default: the one the first task records)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=32, help="most images per batch (default: 32)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default: 5)")
+    serve.add_argument("--top-k", type=int, default=5, help="classes per answer unless the request says (default: 5)")
+    serve.set_defaults(run=commands.serve)
     return parser
 
 

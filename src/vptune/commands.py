@@ -226,3 +226,13 @@ class _RunProgress:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve task folders over one frozen backbone: GET /tasks, POST /predict, POST/DELETE /tasks, /health, /metrics."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k)
+    run_server(args.runs, args.backbone, args.host, args.port, config)
+    return 0
