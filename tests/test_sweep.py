@@ -147,3 +147,18 @@ def test_sweep_command_writes_and_resumes(tmp_path, saved_backbone, tiny_task, c
     capsys.readouterr()
     assert main(["sweep", "--data", str(tiny_task), "--method", "linear", "--num-tokens", "5", "--out", "x"]) == 1
     assert "has no prompts" in capsys.readouterr().err
+
+
+def test_batched_sweep_gives_the_unbatched_grid(tmp_path, saved_backbone, tiny_task) -> None:
+    """--batched K: grid settings of one prompt length train together; same scores as one by one (no dropout)."""
+    no_dropout = plan_sweep(str(tiny_task), "vpt-shallow", TINY, saved_backbone, lrs=[2.0, 1.0, 0.5], seeds=1)
+    assert no_dropout.grid_runs()[0]["prompt"]["dropout"] == 0.0
+    one = run_sweep(no_dropout, tmp_path / "one")
+    three = run_sweep(no_dropout, tmp_path / "three", batched=3)
+    for ours, theirs in zip(three["grid"], one["grid"], strict=True):
+        assert ours["setting"] == theirs["setting"] and ours["val_accuracy"] == theirs["val_accuracy"]
+    assert three["choice"] == one["choice"] and three["test_accuracy"] == one["test_accuracy"]
+    run = json.loads((tmp_path / "three" / "runs" / f"{three['runs'][0]}.json").read_text())
+    assert run["metrics"]["batched"] == 3
+    with pytest.raises(ValueError, match="local backend"):
+        run_sweep(no_dropout, tmp_path / "x", backend="ray", batched=2)

@@ -50,12 +50,15 @@ def run_bench(
     backend: str = "local",
     ray_address: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    batched: int = 1,
 ) -> dict:
     """Run every cell's sweep (finished runs are skipped), then write ``bench.{md,csv,json}`` and the figures."""
     out = Path(out)
     start = time.perf_counter()
     results = {
-        (Path(task).name, method): run_sweep(plan, out / Path(task).name / method, backend, ray_address, progress)
+        (Path(task).name, method): run_sweep(
+            plan, out / Path(task).name / method, backend, ray_address, progress, batched
+        )
         for (task, method), plan in plans.items()
     }
     tasks = list(dict.fromkeys(task for task, _ in results))

@@ -119,6 +119,9 @@ def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="dinov2-small", help="backbone spec (default: dinov2-small)")
     parser.add_argument("--backend", default="local", choices=("local", "ray"), help="where runs execute")
     parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument(
+        "--batched", type=int, default=1, metavar="K", help="train K grid settings of one prompt length in one pass"
+    )
     parser.add_argument("--out", required=True, help="output folder; rerunning the same command resumes it")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

@@ -187,7 +187,7 @@ def sweep(args: argparse.Namespace) -> int:
     )  # fmt: skip
     total = len(plan.grid_runs()) + plan.seeds
     with _RunProgress(total, args.progress) as progress:
-        result = run_sweep(plan, args.out, args.backend, args.ray_address, progress.update)
+        result = run_sweep(plan, args.out, args.backend, args.ray_address, progress.update, args.batched)
     print((Path(args.out) / "summary.md").read_text())
     return 0 if result else 1
 
@@ -202,7 +202,7 @@ def bench(args: argparse.Namespace) -> int:
     plans = plan_bench(roots, methods, args.budget, args.backbone, seeds=args.seeds)
     total = sum(len(plan.grid_runs()) + plan.seeds for plan in plans.values())
     with _RunProgress(total, args.progress) as progress:
-        summary = run_bench(plans, args.out, args.backend, args.ray_address, progress.update)
+        summary = run_bench(plans, args.out, args.backend, args.ray_address, progress.update, args.batched)
     print((Path(args.out) / "bench.md").read_text())
     print(f"{len(plans)} sweeps in {summary['seconds']:.0f} s; table, CSV and figures in {args.out}")
     return 0

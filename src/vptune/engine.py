@@ -50,6 +50,7 @@ class TrainConfig:
         choices=("auto", "off"),
     )
     seed: int = option(0, "seed for initialisation, shuffling and dropout: same seed, same result on CPU")
+    data_seed: int | None = option(None, "seed of the sample order alone (default: seed); batched sweeps share one")
     train_split: str = option("train", "split to train on (train, trainval)", choices=SPLITS)
     val_split: str | None = option("val", "split scored after every epoch; none to skip", choices=SPLITS)
     test_split: str | None = option("test", "split scored once at the end; none to skip", choices=SPLITS)
@@ -247,7 +248,8 @@ def fit(
     model.record = {**model.record, "train_config": to_dict(config)}
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     # the same order of samples for any number of processes: rank r of w takes every w-th of one permutation
-    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank(), shuffle=True, seed=config.seed)
+    order = config.data_seed if config.data_seed is not None else config.seed
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank(), shuffle=True, seed=order)
     loader = DataLoader(splits.train, config.batch_size // world, sampler=sampler, pin_memory=device.type == "cuda")
     trained = DistributedDataParallel(model) if world > 1 else model
     total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))

@@ -176,6 +176,7 @@ def run_sweep(
     backend: str = "local",
     ray_address: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    batched: int = 1,
 ) -> dict:
     """Run (or resume) a sweep into ``out``; return what ``sweep.json`` holds.
 
@@ -185,9 +186,10 @@ def run_sweep(
         backend: ``local`` (one run after another in this process) or ``ray`` (a Ray cluster).
         ray_address: the Ray cluster to join; default a local Ray.
         progress: called with each finished run's result (e.g. to update a progress bar).
+        batched: train up to this many grid settings of one prompt length together (local backend, SGD methods).
     """
     out = Path(out)
-    execute = _executor(backend, ray_address)
+    execute = _executor(backend, ray_address, batched)
     grid = _run_all(plan.grid_runs(), out, execute, progress)
     choice = choose(grid) if grid else plan.settings[0]
     finals = _run_all(plan.final_runs(choice), out, execute, progress)
@@ -233,7 +235,11 @@ def _read_result(out: Path, spec: dict) -> dict | None:
     return result if same else None
 
 
-def _executor(backend: str, ray_address: str | None) -> Executor:
+def _executor(backend: str, ray_address: str | None, batched: int = 1) -> Executor:
+    if batched > 1:
+        if backend != "local":
+            raise ValueError("--batched runs on the local backend; drop --backend ray or --batched")
+        return lambda specs, finished: _local_batched(specs, finished, batched)
     if backend == "local":
         return _local
     if backend == "ray":
@@ -248,17 +254,71 @@ def _local(specs: list[dict], finished: Callable[[dict, dict], None]) -> None:
         finished(spec, execute_run(spec))
 
 
+def _batched_or_alone(chunk: list[dict]) -> list[dict]:
+    from .engine import TrainingDiverged
+
+    if len(chunk) > 1:
+        try:
+            return execute_batched(chunk)
+        except TrainingDiverged:  # one setting diverged: run them one by one so the others still score
+            pass
+    return [execute_run(spec) for spec in chunk]
+
+
+def _local_batched(specs: list[dict], finished: Callable[[dict, dict], None], size: int) -> None:
+    """Grid runs of one prompt length train ``size`` at a time; final runs (different seeds) one by one."""
+    from .batched import BATCHABLE
+
+    groups: dict[str, list[dict]] = {}
+    for spec in specs:
+        batchable = spec["stage"] == "grid" and spec["method"] in BATCHABLE and spec["train"]["optimizer"] == "sgd"
+        key = repr(spec["prompt"]) if batchable else spec["id"]
+        groups.setdefault(key, []).append(spec)
+    for group in groups.values():
+        for chunk in (group[i : i + size] for i in range(0, len(group), size)):
+            results = _batched_or_alone(chunk)
+            for spec, result in zip(chunk, results, strict=True):
+                finished(spec, result)
+
+
 def execute_run(spec: dict) -> dict:
     """Train one run of a sweep from its JSON spec; return its result (spec, metrics, sizes, seconds)."""
-    from .backbones import load_backbone
-    from .config import from_dict
-    from .data import open_task
-    from .engine import TrainConfig, TrainingDiverged, fit
-    from .methods import build
-    from .prompts import PromptConfig
+    from .engine import TrainingDiverged, fit
     from .taskfile import save_task
 
     start = time.perf_counter()
+    task, model, config = _build_run(spec)
+    try:
+        metrics = fit(model, task, config)
+    except TrainingDiverged as error:  # a grid point with too high an lr: scored as a failure, the sweep goes on
+        metrics = {"diverged": str(error), "val_accuracy": None, "test_accuracy": None}
+    if spec.get("save") and "diverged" not in metrics:
+        save_task(model, spec["save"], classes=task.classes, data=task, metrics=metrics)
+    return _result(spec, model, config, metrics, time.perf_counter() - start)
+
+
+def execute_batched(specs: list[dict]) -> list[dict]:
+    """Train several grid runs of one prompt structure in one pass (:func:`vptune.batched.fit_batched`)."""
+    from .batched import fit_batched
+    from .engine import load_splits
+
+    start = time.perf_counter()
+    built = [_build_run(spec) for spec in specs]
+    task, model, config = built[0]
+    splits = load_splits(task, config, model.image_size)
+    metrics = fit_batched([b[1] for b in built], splits, [b[2] for b in built])
+    seconds = (time.perf_counter() - start) / len(specs)
+    return [_result(spec, b[1], b[2], m, seconds) for spec, b, m in zip(specs, built, metrics, strict=True)]
+
+
+def _build_run(spec: dict):
+    from .backbones import load_backbone
+    from .config import from_dict
+    from .data import open_task
+    from .engine import TrainConfig
+    from .methods import build
+    from .prompts import PromptConfig
+
     task = open_task(spec["task"])
     backbone = _cached_backbone(spec["backbone"], load_backbone)
     prompt = from_dict(PromptConfig, spec["prompt"]) if spec["prompt"] else None
@@ -266,20 +326,17 @@ def execute_run(spec: dict) -> dict:
     model = build(
         spec["method"], backbone, task.num_classes, prompt, spec["image_size"], config.seed, **spec["options"]
     )
-    try:
-        metrics = fit(model, task, config)
-    except TrainingDiverged as error:  # a grid point with too high an lr: scored as a failure, the sweep goes on
-        metrics = {"diverged": str(error), "val_accuracy": None, "test_accuracy": None}
-    if spec.get("save") and "diverged" not in metrics:
-        save_task(model, spec["save"], classes=task.classes, data=task, metrics=metrics)
-    clean = {key: value for key, value in spec.items() if key != "save"}
+    return task, model, config
+
+
+def _result(spec: dict, model, config, metrics: dict, seconds: float) -> dict:
     return {
-        "spec": clean,
+        "spec": {key: value for key, value in spec.items() if key != "save"},
         "metrics": metrics,
         "trainable_parameters": model.num_trainable(),
-        "backbone_parameters": backbone.num_parameters(),
+        "backbone_parameters": model.backbone.num_parameters(),
         "tuned_parameters": model.backbone.tuned_parameters,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(seconds, 2),
         "library": _version(),
         "resolved_train_config": to_dict(config.for_method(model.method)),
     }

@@ -1,0 +1,184 @@
+"""K configurations in one pass: K prompt sets and heads of one structure train together on a frozen backbone.
+
+Every batch is loaded once and runs through the backbone as one batch of K*B (sample i of configuration k uses
+prompt set and head k); the loss is the sum of the K configurations' mean losses, so each configuration's gradient
+is exactly its own. Each configuration keeps its own lr schedule, weight decay and momentum (:func:`stacked_sgd_step`
+applies them row by row). Equal to K separate :func:`vptune.fit` runs that share the sample order
+(``data_seed``) and have no prompt dropout; the test holds them to 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .data import TaskData
+from .engine import (
+    Splits,
+    TrainConfig,
+    TrainingDiverged,
+    _autocast,
+    _Stage,
+    cache_dataset,
+    cache_point,
+    load_splits,
+    lr_at,
+    resolve_device,
+)
+from .model import Head, TaskModel
+from .prompts import Prompts
+
+BATCHABLE = ("vpt-shallow", "vpt-deep", "linear")
+SHARED_FIELDS = (
+    "epochs", "warmup_epochs", "batch_size", "train_split", "val_split", "test_split", "precision", "cache", "device",
+)  # fmt: skip
+
+
+def fit_batched(
+    models: list[TaskModel], data: str | os.PathLike | TaskData | Splits, configs: list[TrainConfig]
+) -> list[dict]:
+    """Train ``models[k]`` with ``configs[k]`` for every k in one pass; each model ends with its trained tensors.
+
+    All models share the backbone, method, prompt structure and input size; the configs may differ in base lr,
+    weight decay, momentum and seed (initialisation), and share the schedule and the sample order
+    (``configs[0].data_seed``, default its seed).
+    """
+    configs = [config.for_method(models[0].method) for config in configs]
+    _check(models, configs)
+    first = configs[0]
+    splits = data if isinstance(data, Splits) else load_splits(data, first, models[0].image_size)
+    device = resolve_device(first.device)
+    stacked = stack(models).to(device)
+    point = cache_point(stacked, splits.train, first)
+    if point:
+        cached = [cache_dataset(stacked, d, point, first, device) if d else None for d in (splits.val, splits.test)]
+        splits = Splits(cache_dataset(stacked, splits.train, point, first, device), *cached)
+    stage = _Stage(stacked, point)
+    order = first.data_seed if first.data_seed is not None else first.seed  # the sample order fit uses
+    sampler = DistributedSampler(splits.train, num_replicas=1, rank=0, shuffle=True, seed=order)
+    loader = DataLoader(splits.train, first.batch_size, sampler=sampler)
+    total, warmup = first.epochs * len(loader), round(min(first.warmup_epochs, first.epochs) * len(loader))
+    params = [p for p in stacked.parameters() if p.requires_grad]
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    history: list[list[dict]] = [[] for _ in models]
+    stacked.train()
+    torch.manual_seed(first.seed)
+    for epoch in range(1, first.epochs + 1):
+        sampler.set_epoch(epoch)
+        start, step = time.perf_counter(), (epoch - 1) * len(loader)
+        sums = torch.zeros(len(models), 2, dtype=torch.float64)
+        for inputs, labels in stage.batches(loader, device):
+            lrs = torch.tensor([lr_at(step, total, warmup, c.lr) for c in configs])
+            losses = _step(stage, inputs, labels, len(models), first, device, epoch, step)
+            sums[:, 0] += losses.detach().double() * labels.numel()
+            sums[:, 1] += labels.numel()
+            stacked_sgd_step(params, buffers, lrs, configs)
+            step += 1
+        seconds = time.perf_counter() - start
+        val = _accuracies(stage, splits.val, len(models), first, device) if splits.val is not None else None
+        for k, log in enumerate(history):
+            metrics = {"epoch": epoch, "train_loss": float(sums[k, 0] / sums[k, 1]), "lr": float(lrs[k])}
+            metrics.update({"seconds": round(seconds, 3), "cached_from": point, "batched": len(models)})
+            if val is not None:
+                metrics["val_accuracy"] = val[k]
+            log.append(metrics)
+    if splits.test is not None:
+        for log, accuracy in zip(history, _accuracies(stage, splits.test, len(models), first, device), strict=True):
+            log[-1]["test_accuracy"] = accuracy
+    unstack(stacked, models)
+    return [log[-1] for log in history]
+
+
+def _step(stage: _Stage, inputs, labels, k: int, config, device, epoch: int, step: int) -> torch.Tensor:
+    batch = labels.numel()
+    ids = torch.arange(k, device=device).repeat_interleave(batch)
+    with _autocast(device, config.precision):
+        logits = stage.model(inputs.repeat(k, *[1] * (inputs.dim() - 1)), ids, start=stage.point).float()
+    losses = F.cross_entropy(logits, labels.repeat(k), reduction="none").view(k, batch).mean(dim=1)
+    if not torch.isfinite(losses).all():
+        bad = [i for i, loss in enumerate(losses.tolist()) if not torch.isfinite(torch.tensor(loss))]
+        raise TrainingDiverged(f"configurations {bad} diverged at epoch {epoch}, step {step + 1}")
+    for param in stage.model.parameters():
+        param.grad = None
+    losses.sum().backward()
+    return losses
+
+
+@torch.no_grad()
+def stacked_sgd_step(
+    params: list[nn.Parameter], buffers: list[torch.Tensor | None], lrs: torch.Tensor, configs: list[TrainConfig]
+) -> None:
+    """``torch.optim.SGD`` (momentum, weight decay) applied to row k of every stacked tensor with config k's values."""
+    for index, param in enumerate(params):
+        shape = (-1,) + (1,) * (param.dim() - 1)
+        decay = torch.tensor([c.weight_decay for c in configs], dtype=param.dtype, device=param.device).view(shape)
+        momentum = torch.tensor([c.momentum for c in configs], dtype=param.dtype, device=param.device).view(shape)
+        step = param.grad + decay * param
+        buffers[index] = step.clone() if buffers[index] is None else momentum * buffers[index] + step
+        param -= lrs.to(param.dtype).to(param.device).view(shape) * buffers[index]
+
+
+@torch.no_grad()
+def _accuracies(stage: _Stage, dataset: Dataset, k: int, config: TrainConfig, device) -> list[float]:
+    was_training = stage.model.training
+    stage.model.eval()
+    correct, count = torch.zeros(k, dtype=torch.long), 0
+    for inputs, labels in stage.batches(DataLoader(dataset, batch_size=config.eval_batch_size), device):
+        ids = torch.arange(k, device=device).repeat_interleave(labels.numel())
+        with _autocast(device, config.precision):
+            logits = stage.model(inputs.repeat(k, *[1] * (inputs.dim() - 1)), ids, start=stage.point).float()
+        hits = (logits.argmax(dim=1) == labels.repeat(k)).view(k, -1)
+        correct += hits.sum(dim=1).cpu()
+        count += labels.numel()
+    stage.model.train(was_training)
+    return [hits / max(1, count) for hits in correct.tolist()]
+
+
+def stack(models: list[TaskModel]) -> TaskModel:
+    """One model whose prompts and head hold the K models' tensors along the task dimension."""
+    first = models[0]
+    stacked = TaskModel(first.backbone, first.num_classes, first.prompt_config, first.image_size)
+    stacked.method = first.method
+    if first.prompts is not None:
+        stacked.prompts = Prompts(first.prompt_config, first.backbone, first.image_size, num_tasks=len(models))
+        stacked.prompts.embeddings = nn.Parameter(torch.cat([m.prompts.embeddings.detach() for m in models]))
+    stacked.head = Head(first.backbone.width, first.num_classes, num_tasks=len(models))
+    stacked.head.weight = nn.Parameter(torch.cat([m.head.weight.detach() for m in models]))
+    stacked.head.bias = nn.Parameter(torch.cat([m.head.bias.detach() for m in models]))
+    return stacked
+
+
+@torch.no_grad()
+def unstack(stacked: TaskModel, models: list[TaskModel]) -> None:
+    for k, model in enumerate(models):
+        if model.prompts is not None:
+            model.prompts.embeddings.copy_(stacked.prompts.embeddings[k : k + 1])
+        model.head.weight.copy_(stacked.head.weight[k : k + 1])
+        model.head.bias.copy_(stacked.head.bias[k : k + 1])
+
+
+def _check(models: list[TaskModel], configs: list[TrainConfig]) -> None:
+    if not models or len(models) != len(configs):
+        raise ValueError(f"give one config per model: {len(models)} models, {len(configs)} configs")
+    first = models[0]
+    if first.method not in BATCHABLE:
+        raise ValueError(f"method {first.method!r} cannot be batched; batchable: {', '.join(BATCHABLE)}")
+    if first.prompt_config.project or first.prompt_config.location == "concat-channel":
+        raise ValueError("prompts with a projection or an input channel cannot be batched (per-config modules)")
+    for model in models[1:]:
+        same = (model.method, model.prompt_config, model.image_size, model.num_classes) == (
+            first.method, first.prompt_config, first.image_size, first.num_classes
+        )  # fmt: skip
+        if not same or model.backbone is not first.backbone:
+            raise ValueError("batched models must share backbone, method, prompt config, input size and classes")
+    for name in SHARED_FIELDS:
+        values = {getattr(config, name) for config in configs}
+        if len(values) > 1:
+            raise ValueError(f"batched configs must share {name}; got {sorted(values, key=str)}")
+    if any(config.optimizer != "sgd" for config in configs):
+        raise ValueError("batched training implements SGD only; run AdamW configurations one by one")

@@ -1,0 +1,69 @@
+"""K configurations trained in one pass equal K separate runs that share the sample order (tolerance 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import IMAGE, tiny_backbone
+from test_cache import fixed
+
+import vptune
+from vptune.batched import fit_batched
+from vptune.engine import Splits, TrainConfig
+
+SETTINGS = [(0.5, 0.0, 0), (0.2, 1e-3, 1), (1.0, 1e-4, 2)]  # base lr, weight decay, seed (initialisation)
+
+
+def models_and_configs(backbone, method: str, prompt: dict, cache: str = "auto"):
+    models, configs = [], []
+    for lr, wd, seed in SETTINGS:
+        config = vptune.PromptConfig(**prompt) if prompt else None
+        models.append(vptune.build(method, backbone, 3, config, IMAGE, seed=seed))
+        configs.append(
+            TrainConfig(epochs=2, warmup_epochs=1, batch_size=4, base_lr=lr, weight_decay=wd, seed=seed, data_seed=0,
+                        cache=cache, progress=False)
+        )  # fmt: skip
+    return models, configs
+
+
+@pytest.mark.parametrize(
+    ("method", "prompt", "cache"),
+    [
+        ("vpt-deep", {"num_tokens": 2, "dropout": 0.0}, "auto"),
+        ("vpt-shallow", {"num_tokens": 3}, "auto"),
+        ("vpt-deep", {"num_tokens": 2, "dropout": 0.0, "layers": [-1]}, "auto"),  # cached trunk, batched prompts
+        ("linear", {}, "auto"),
+        ("linear", {}, "off"),
+    ],
+)
+def test_batched_equals_separate_runs(method: str, prompt: dict, cache: str) -> None:
+    backbone = tiny_backbone("dinov2")
+    splits = Splits(fixed(12), val=fixed(6, seed=1), test=fixed(6, seed=2))
+    together, configs = models_and_configs(backbone, method, prompt, cache)
+    start = [{n: t.clone() for n, t in m.trainable_state_dict().items()} for m in together]
+    batched = fit_batched(together, splits, configs)
+    alone, configs = models_and_configs(backbone, method, prompt, cache)
+    separate = [vptune.fit(model, splits, config) for model, config in zip(alone, configs, strict=True)]
+    for k in range(len(SETTINGS)):
+        ours, theirs = together[k].trainable_state_dict(), alone[k].trainable_state_dict()
+        for name in ours:
+            assert not torch.equal(ours[name], start[k][name])  # it trained
+            torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=0)
+        assert batched[k]["val_accuracy"] == separate[k]["val_accuracy"]
+        assert batched[k]["test_accuracy"] == separate[k]["test_accuracy"]
+        assert batched[k]["train_loss"] == pytest.approx(separate[k]["train_loss"], abs=1e-5)
+        assert batched[k]["batched"] == 3
+
+
+def test_batched_refuses_what_it_cannot_do() -> None:
+    backbone = tiny_backbone("vit")
+    models, configs = models_and_configs(backbone, "vpt-deep", {"num_tokens": 2})
+    with pytest.raises(ValueError, match="must share epochs"):
+        fit_batched(models, Splits(fixed(4)), [configs[0], TrainConfig(epochs=5), configs[2]])
+    with pytest.raises(ValueError, match="SGD only"):
+        fit_batched(models, Splits(fixed(4)), [TrainConfig(optimizer="adamw", base_lr=0.1)] * 3)
+    with pytest.raises(ValueError, match="cannot be batched"):
+        fit_batched([vptune.build("bias", backbone, 3, image_size=IMAGE)], Splits(fixed(4)), configs[:1])
+    other = vptune.build("vpt-deep", backbone, 3, vptune.PromptConfig(num_tokens=5), IMAGE)
+    with pytest.raises(ValueError, match="must share backbone, method, prompt config"):
+        fit_batched([models[0], other], Splits(fixed(4)), configs[:2])
