@@ -15,6 +15,7 @@ from .backbones import Backbone, load_backbone, wrap_model
 from .engine import Splits, TrainConfig, TrainingDiverged, evaluate, fit
 from .methods import METHODS, MethodOptions, build, method_names, register
 from .model import TaskModel
+from .multitask import MultiTask
 from .prompts import PromptConfig
 from .taskfile import TaskFileError, load_task, read_record, save_task
 
@@ -22,6 +23,7 @@ __all__ = [
     "Backbone",
     "METHODS",
     "MethodOptions",
+    "MultiTask",
     "PromptConfig",
     "Splits",
     "TaskFileError",

@@ -1,4 +1,4 @@
-"""The training engine shared by ``vptune.fit`` and the CLI: SGD, warmup + cosine per step, JSON-lines metrics."""
+"""The training engine shared by ``vptune.fit`` and the CLI: SGD/AdamW, warmup + cosine per step, JSON-lines metrics."""
 
 from __future__ import annotations
 
