@@ -1,0 +1,233 @@
+"""Performance harness: training-step time, peak memory, FLOPs and utilisation per method, side by side in one run.
+
+    python -m vptune.perf --backbone dinov2-small --size 224 --batch 32 --json perf.json
+
+Every method runs in a fresh process (so each peak memory is its own: peak RSS on CPU, max allocated on CUDA) on the
+same random batch: warm-up steps, then the median of ``--repeats`` timed steps. The same run measures a large GEMM in
+the step's dtype; utilisation = the step's counted FLOPs per second / that GEMM's FLOPs per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+METHODS = ("vpt-deep", "vpt-shallow", "linear", "linear-cached", "bias", "adapter", "lora", "full")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_method(args: argparse.Namespace, method: str) -> dict:
+    """One method's training step: seconds, images/s, FLOPs per image, peak memory."""
+    import vptune
+    from vptune.engine import TrainConfig, _autocast, make_optimizer
+
+    device = torch.device(args.device)
+    backbone = vptune.load_backbone(args.backbone)
+    name = "linear" if method == "linear-cached" else method
+    prompt = vptune.PromptConfig(num_tokens=args.num_tokens, dropout=0.0) if name.startswith("vpt") else None
+    model = vptune.build(name, backbone, 10, prompt, args.size).to(device).train()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, 10, (args.batch,), device=device)
+    start_point = 0
+    if method == "linear-cached":  # what training on the cached frozen trunk costs per step
+        start_point = model.cache_point()
+        x = model.trunk(x, start_point)
+    optimizer = make_optimizer(
+        [p for p in model.parameters() if p.requires_grad], TrainConfig(base_lr=0.01).for_method(name)
+    )
+
+    def step() -> None:
+        with _autocast(device, args.precision):
+            loss = F.cross_entropy(model(x, start=start_point).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _median_seconds(step, device, args.warmup, args.repeats)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
+    return {
+        "method": method,
+        "step_seconds": seconds,
+        "images_per_s": args.batch / seconds,
+        "flops_per_image": flops / args.batch,
+        "achieved_flops": flops / seconds,
+        "peak_memory_bytes": peak,
+        "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
+    }
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """FLOP/s of a square matrix multiply: the device's practical peak in this dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / _median_seconds(lambda: a @ b, device, 2, repeats)
+
+
+@torch.no_grad()
+def inference_rate(args: argparse.Namespace) -> dict:
+    """Images/s of the backbone alone and of a VPT-Deep model, in eval mode."""
+    import vptune
+    from vptune.engine import _autocast
+
+    device = torch.device(args.device)
+    backbone = vptune.load_backbone(args.backbone).to(device)
+    prompt = vptune.PromptConfig(num_tokens=args.num_tokens)
+    deep = vptune.build("vpt-deep", backbone, 10, prompt, args.size).to(device).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    rates = {}
+    for name, fn in (("backbone", lambda: backbone(x)), ("vpt-deep", lambda: deep(x))):
+        with _autocast(device, args.precision):
+            rates[name] = args.batch / _median_seconds(fn, device, args.warmup, args.repeats)
+    return rates
+
+
+def data_fraction(args: argparse.Namespace, step_seconds: float) -> float:
+    """Time to draw and normalise one batch from the in-memory uint8 cache, as a fraction of a training step."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vptune.data import normalize
+
+    images = torch.randint(0, 256, (args.batch * 4, 3, args.size, args.size), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), args.batch, shuffle=True)
+
+    def draw() -> None:
+        for batch, _ in loader:
+            normalize(batch.to(args.device, non_blocking=True), (0.5,) * 3, (0.5,) * 3)
+
+    return _median_seconds(draw, torch.device(args.device), 1, 3) / 4 / step_seconds
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    rows = [_in_fresh_process(args, method) if args.fresh else measure_method(args, method) for method in args.methods]
+    peak = gemm_rate(device, dtype, args.gemm_size)
+    full = next((row for row in rows if row["method"] == "full"), None)
+    for row in rows:
+        row["utilisation"] = row["achieved_flops"] / peak
+        if full is not None:
+            row["time_vs_full"] = row["step_seconds"] / full["step_seconds"]
+            row["memory_vs_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
+    deep = next((row for row in rows if row["method"] == "vpt-deep"), rows[0])
+    return {
+        "backbone": args.backbone,
+        "size": args.size,
+        "batch": args.batch,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": args.precision,
+        "threads": torch.get_num_threads(),
+        "gemm_flops": peak,
+        "rows": rows,
+        "inference_images_per_s": inference_rate(args),
+        "data_time_fraction": data_fraction(args, deep["step_seconds"]),
+    }
+
+
+def _in_fresh_process(args: argparse.Namespace, method: str) -> dict:
+    command = [sys.executable, "-m", "vptune.perf", "--one", method, *_forward_args(args)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"measuring {method} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _forward_args(args: argparse.Namespace) -> list[str]:
+    pairs = {"--backbone": args.backbone, "--size": args.size, "--batch": args.batch, "--device": args.device}
+    pairs.update({"--precision": args.precision, "--num-tokens": args.num_tokens, "--repeats": args.repeats})
+    pairs["--warmup"] = args.warmup
+    return [str(item) for pair in pairs.items() for item in pair]
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"{result['backbone']}, {result['size']}x{result['size']}, batch {result['batch']}, {result['device']}, "
+        f"{result['precision']}, {result['threads']} threads; GEMM {result['gemm_flops'] / 1e9:.1f} GFLOP/s",
+        "",
+        "| method | step (s) | images/s | GFLOP/image | utilisation | peak memory (MiB) | time vs full "
+        "| memory vs full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        versus = [f"{row[key]:.2f}x" if key in row else "-" for key in ("time_vs_full", "memory_vs_full")]
+        lines.append(
+            f"| {row['method']} | {row['step_seconds']:.3f} | {row['images_per_s']:.1f} | "
+            f"{row['flops_per_image'] / 1e9:.2f} | {100 * row['utilisation']:.0f}% | "
+            f"{row['peak_memory_bytes'] / 2**20:.0f} | {versus[0]} | {versus[1]} |"
+        )
+    rates = result["inference_images_per_s"]
+    lines += [
+        "",
+        f"Inference: backbone {rates['backbone']:.1f} images/s, vpt-deep {rates['vpt-deep']:.1f} images/s. "
+        f"Data time with cached inputs: {100 * result['data_time_fraction']:.1f}% of a vpt-deep step.",
+    ]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vptune.perf", description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="dinov2-small")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--num-tokens", type=int, default=10)
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gemm-size", type=int, default=2048)
+    parser.add_argument("--no-fresh", dest="fresh", action="store_false", help="measure in this process")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the result here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.one:  # a child process measuring one method
+        print(json.dumps(measure_method(args, args.one)))
+        return 0
+    result = run(args)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

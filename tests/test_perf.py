@@ -1,0 +1,30 @@
+"""The performance harness runs end to end on a tiny backbone and reports every figure it promises."""
+
+from __future__ import annotations
+
+import json
+
+from vptune.perf import METHODS, main
+
+
+def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
+    out = tmp_path / "perf.json"
+    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "4", "--repeats", "1", "--warmup", "1"]
+    assert main([*argv, "--no-fresh", "--gemm-size", "64", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == set(METHODS)
+    for row in rows.values():
+        assert row["step_seconds"] > 0 and row["flops_per_image"] > 0 and 0 < row["utilisation"]
+        assert row["peak_memory_bytes"] > 0 and "time_vs_full" in row
+    # the cached step skips the backbone: far fewer FLOPs than the uncached linear step; full does the most work
+    assert rows["linear-cached"]["flops_per_image"] < rows["linear"]["flops_per_image"] / 10
+    assert rows["full"]["flops_per_image"] > rows["linear"]["flops_per_image"]
+    assert set(result["inference_images_per_s"]) == {"backbone", "vpt-deep"} and result["data_time_fraction"] > 0
+    assert "| vpt-deep |" in capsys.readouterr().out
+
+
+def test_each_method_can_run_in_its_own_process(saved_backbone, capsys) -> None:
+    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "4", "--repeats", "1", "--warmup", "1"]
+    assert main([*argv, "--methods", "vpt-deep,full", "--gemm-size", "64"]) == 0
+    assert "| full |" in capsys.readouterr().out
