@@ -233,3 +233,36 @@ def test_bf16_autocast_trains_and_reports_fp32_metrics() -> None:
     metrics = vptune.fit(model, Splits(tiny_dataset(8), val=tiny_dataset(4, seed=1)), settings(precision="bf16"))
     assert torch.bfloat16 in seen and math.isfinite(metrics["train_loss"])
     assert model.prompts.embeddings.dtype == torch.float32  # parameters stay fp32
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "lora", "bias"])
+def test_gradient_checkpointing_trains_the_same_tensors(family: str, method: str) -> None:
+    def run(checkpointing: bool) -> vptune.TaskModel:
+        prompt = {"dropout": 0.1} if method == "vpt-deep" else {}  # dropout draws the same masks both ways
+        model = model_for(tiny_backbone(family), method, **prompt)
+        vptune.fit(model, Splits(tiny_dataset(12)), settings(base_lr=0.5, checkpointing=checkpointing))
+        return model
+
+    plain, recomputed = run(False), run(True)
+    first, second = plain.trainable_state_dict(), recomputed.trainable_state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.allclose(first[name], second[name], atol=1e-6) for name in first)
+    assert not recomputed.checkpointing  # fit turns it off again: inference keeps the plain path
+
+
+def test_gradient_checkpointing_keeps_fewer_activations() -> None:
+    model = model_for(tiny_backbone("dinov2"), "vpt-deep").train()
+    x = normalize(torch.randint(0, 256, (4, 3, IMAGE, IMAGE), dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3)
+
+    def saved_bytes(checkpointing: bool) -> int:
+        model.checkpointing, total = checkpointing, [0]
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(x).sum()
+        return total[0]
+
+    assert saved_bytes(True) < saved_bytes(False) / 2

@@ -171,7 +171,7 @@ def _demo_row(model, config: TrainConfig, folder: Path, seconds: float) -> dict:
         "total params (24 tasks)": f"{params_multiple(record):.2f}x",
         "optimizer, base lr": f"{config.optimizer} {config.base_lr:g}",
         "test accuracy": f"{100 * record['metrics']['test_accuracy']:.2f}",
-        "s/epoch": f"{sum(epoch_seconds) / len(epoch_seconds):.1f}"
+        "s/epoch": f"{sum(epoch_seconds) / len(epoch_seconds):.3g}"
         + (" (cached)" if epochs[-1]["cached_from"] else ""),
         "train+eval time": f"{seconds:.0f} s",
     }

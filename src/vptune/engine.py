@@ -49,6 +49,9 @@ class TrainConfig:
         "(when the train split has no augmentation); off: always run the whole network",
         choices=("auto", "off"),
     )
+    checkpointing: bool = option(
+        False, "gradient checkpointing: recompute each block in the backward pass (less memory, one more forward)"
+    )
     seed: int = option(0, "seed for initialisation, shuffling and dropout: same seed, same result on CPU")
     data_seed: int | None = option(None, "seed of the sample order alone (default: seed); batched sweeps share one")
     train_split: str = option("train", "split to train on (train, trainval)", choices=SPLITS)
@@ -245,6 +248,7 @@ def fit(
     stage = _Stage(model, point)
     torch.manual_seed(config.seed)
     model.train()
+    model.checkpointing = config.checkpointing
     model.record = {**model.record, "train_config": to_dict(config)}
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     # the same order of samples for any number of processes: rank r of w takes every w-th of one permutation
@@ -274,6 +278,7 @@ def fit(
         metrics["test_accuracy"] = score(splits.test)
         log.write({"final": True, **metrics})
     model.eval()
+    model.checkpointing = False
     return metrics
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbones import Backbone
 from .prompts import PromptConfig, Prompts
@@ -78,6 +79,7 @@ class TaskModel(nn.Module):
         self.head: nn.Module = Head(backbone.width, num_classes, generator=generator)
         self.classes: list[str] | None = None
         self.record: dict = {}
+        self.checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +99,7 @@ class TaskModel(nn.Module):
         for index in range(start, backbone.depth):
             if index in layers:
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
-            hidden = backbone.run_block(index, hidden)
+            hidden = self._run_block(index, hidden)
             if self.prompt_config.drop_after and layers and index == layers[-1]:
                 hidden = torch.cat(
                     [hidden[:, : backbone.num_prefix_tokens], hidden[:, backbone.num_prefix_tokens + num_prompts :]], 1
@@ -105,6 +107,11 @@ class TaskModel(nn.Module):
                 num_prompts = 0
         tokens = backbone.norm(hidden)
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)
+
+    def _run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.backbone.run_block, index, hidden, use_reentrant=False)
+        return self.backbone.run_block(index, hidden)
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-METHODS = ("vpt-deep", "vpt-shallow", "linear", "linear-cached", "bias", "adapter", "lora", "full")
+METHODS = ("vpt-deep", "vpt-deep-ckpt", "vpt-shallow", "linear", "linear-cached", "bias", "adapter", "lora", "full")
 
 
 def _sync(device: torch.device) -> None:
@@ -49,9 +49,10 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
 
     device = torch.device(args.device)
     backbone = vptune.load_backbone(args.backbone)
-    name = "linear" if method == "linear-cached" else method
+    name = {"linear-cached": "linear", "vpt-deep-ckpt": "vpt-deep"}.get(method, method)
     prompt = vptune.PromptConfig(num_tokens=args.num_tokens, dropout=0.0) if name.startswith("vpt") else None
     model = vptune.build(name, backbone, 10, prompt, args.size).to(device).train()
+    model.checkpointing = method.endswith("-ckpt")  # gradient checkpointing: blocks recomputed in backward
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     start_point = 0
