@@ -3,7 +3,9 @@
     python -m vptune.perf --backbone dinov2-small --size 224 --batch 32 --json perf.json
 
 Every method runs in a fresh process (so each peak memory is its own: peak RSS on CPU, max allocated on CUDA) on the
-same random batch: warm-up steps, then the median of ``--repeats`` timed steps. The same run measures a large GEMM in
+same random batch: warm-up steps, then the median of ``--repeats`` timed steps. Peak memory is tracked from the
+loaded model on; "step memory" is that peak minus what the loaded model and batch already held, i.e. what
+training adds (activations, gradients, optimiser state). The same run measures a large GEMM in
 the step's dtype; utilisation = the step's counted FLOPs per second / that GEMM's FLOPs per second.
 """
 
@@ -70,13 +72,12 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         loss.backward()
         optimizer.step()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    resident = _reset_peak_memory(device)  # the loaded model and batch; loading's transient peak is forgotten
     seconds = _median_seconds(step, device, args.warmup, args.repeats)
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
+    peak = _peak_memory(device)
     return {
         "method": method,
         "step_seconds": seconds,
@@ -84,12 +85,38 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         "flops_per_image": flops / args.batch,
         "achieved_flops": flops / seconds,
         "peak_memory_bytes": peak,
+        "step_memory_bytes": max(0, peak - resident),  # RSS counters lag by a few pages
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
     }
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _reset_peak_memory(device: torch.device) -> int:
+    """Start peak tracking now; return the memory in use (CUDA: allocated; CPU: resident set)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:  # Linux: resets the process's peak RSS (VmHWM)
+            handle.write("5")
+    except OSError:
+        pass  # elsewhere the peak includes loading
+    return _proc_status_bytes("VmRSS") or _peak_memory(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_status_bytes(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes; 0 where there is no such file."""
+    try:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
@@ -144,6 +171,8 @@ def run(args: argparse.Namespace) -> dict:
         if full is not None:
             row["time_vs_full"] = row["step_seconds"] / full["step_seconds"]
             row["memory_vs_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
+            if full["step_memory_bytes"] > 0:
+                row["step_memory_vs_full"] = row["step_memory_bytes"] / full["step_memory_bytes"]
     deep = next((row for row in rows if row["method"] == "vpt-deep"), rows[0])
     return {
         "backbone": args.backbone,
@@ -179,16 +208,17 @@ def markdown(result: dict) -> str:
         f"{result['backbone']}, {result['size']}x{result['size']}, batch {result['batch']}, {result['device']}, "
         f"{result['precision']}, {result['threads']} threads; GEMM {result['gemm_flops'] / 1e9:.1f} GFLOP/s",
         "",
-        "| method | step (s) | images/s | GFLOP/image | utilisation | peak memory (MiB) | time vs full "
-        "| memory vs full |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | step (s) | images/s | GFLOP/image | utilisation | peak memory (MiB) | step memory (MiB) "
+        "| time vs full | peak vs full | step memory vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        versus = [f"{row[key]:.2f}x" if key in row else "-" for key in ("time_vs_full", "memory_vs_full")]
+        keys = ("time_vs_full", "memory_vs_full", "step_memory_vs_full")
+        versus = " | ".join(f"{row[key]:.2f}x" if key in row else "-" for key in keys)
         lines.append(
             f"| {row['method']} | {row['step_seconds']:.3f} | {row['images_per_s']:.1f} | "
             f"{row['flops_per_image'] / 1e9:.2f} | {100 * row['utilisation']:.0f}% | "
-            f"{row['peak_memory_bytes'] / 2**20:.0f} | {versus[0]} | {versus[1]} |"
+            f"{row['peak_memory_bytes'] / 2**20:.0f} | {row['step_memory_bytes'] / 2**20:.0f} | {versus} |"
         )
     rates = result["inference_images_per_s"]
     lines += [
