@@ -24,6 +24,12 @@ from vptune.engine import TrainConfig, load_splits
 LRS = (0.4, 0.3, 0.2, 0.15, 0.1, 0.075, 0.05, 0.025, 0.01, 0.005, 0.0025, 0.001)
 
 
+def tensor_gap(one: vptune.TaskModel, other: vptune.TaskModel) -> float:
+    """Largest absolute difference between two models' trained tensors."""
+    pairs = zip(one.trainable_state_dict().values(), other.trainable_state_dict().values(), strict=True)
+    return max((a - b).abs().max().item() for a, b in pairs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=8)
@@ -49,17 +55,12 @@ def main() -> None:
 
     together, alone = models(), models()
     start = time.perf_counter()
-    fit_batched(together, splits, configs)
+    batched_metrics = fit_batched(together, splits, configs)
     batched = time.perf_counter() - start
     start = time.perf_counter()
-    for model, config in zip(alone, configs, strict=True):
-        vptune.fit(model, splits, config)
+    alone_metrics = [vptune.fit(model, splits, config) for model, config in zip(alone, configs, strict=True)]
     sequential = time.perf_counter() - start
-    gap = max(
-        (a - b).abs().max().item()
-        for m, n in zip(together, alone, strict=True)
-        for a, b in zip(m.trainable_state_dict().values(), n.trainable_state_dict().values(), strict=True)
-    )
+    gaps = [tensor_gap(m, n) for m, n in zip(together, alone, strict=True)]
     result = {
         "k": args.k,
         "data": task.name,
@@ -70,8 +71,13 @@ def main() -> None:
         "batched_seconds": round(batched, 1),
         "sequential_seconds": round(sequential, 1),
         "sequential_over_batched": round(sequential / batched, 3),
-        "max_abs_difference_of_trained_tensors": gap,
-    }
+        "max_abs_difference_of_trained_tensors": max(gaps),
+        "per_config": [
+            {"base_lr": c.base_lr, "max_abs_difference": gap, "batched_train_loss": round(b["train_loss"], 5),
+             "separate_train_loss": round(a["train_loss"], 5)}
+            for c, gap, b, a in zip(configs, gaps, batched_metrics, alone_metrics, strict=True)
+        ],
+    }  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -250,6 +250,20 @@ def test_gradient_checkpointing_trains_the_same_tensors(family: str, method: str
     assert not recomputed.checkpointing  # fit turns it off again: inference keeps the plain path
 
 
+def test_compiled_training_trains_the_same_tensors() -> None:
+    def run(compile: bool) -> vptune.TaskModel:
+        model = model_for(tiny_backbone("dinov2"), "vpt-deep", dropout=0.0)  # compiled dropout draws other masks
+        vptune.fit(model, Splits(tiny_dataset(12)), settings(base_lr=0.5, compile=compile))
+        return model
+
+    eager, compiled = run(False).trainable_state_dict(), run(True).trainable_state_dict()
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-5, rtol=0)
+    assert any(not torch.equal(value, model_for(tiny_backbone("dinov2"), "vpt-deep").trainable_state_dict()[name])
+               for name, value in compiled.items())  # fmt: skip
+
+
 def test_gradient_checkpointing_keeps_fewer_activations() -> None:
     model = model_for(tiny_backbone("dinov2"), "vpt-deep").train()
     x = normalize(torch.randint(0, 256, (4, 3, IMAGE, IMAGE), dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3)

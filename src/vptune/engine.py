@@ -52,6 +52,11 @@ class TrainConfig:
     checkpointing: bool = option(
         False, "gradient checkpointing: recompute each block in the backward pass (less memory, one more forward)"
     )
+    compile: bool = option(
+        False,
+        "torch.compile the training step's model (compiles in the first steps; pays off on long runs; "
+        "dropout masks differ from the eager ones)",
+    )
     seed: int = option(0, "seed for initialisation, shuffling and dropout: same seed, same result on CPU")
     data_seed: int | None = option(None, "seed of the sample order alone (default: seed); batched sweeps share one")
     train_split: str = option("train", "split to train on (train, trainval)", choices=SPLITS)
@@ -149,7 +154,7 @@ class _Stage:
 
     def logits(self, inputs: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits through ``module`` (the model, or its DistributedDataParallel wrapper)."""
-        return (module or self.model)(inputs, start=self.point)
+        return (self.model if module is None else module)(inputs, start=self.point)
 
 
 @torch.no_grad()
@@ -256,6 +261,7 @@ def fit(
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank(), shuffle=True, seed=order)
     loader = DataLoader(splits.train, config.batch_size // world, sampler=sampler, pin_memory=device.type == "cuda")
     trained = DistributedDataParallel(model) if world > 1 else model
+    trained = torch.compile(trained) if config.compile else trained
     total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
     log = _MetricsLog(out_dir if is_main() else None)
 

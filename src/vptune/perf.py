@@ -23,7 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-METHODS = ("vpt-deep", "vpt-deep-ckpt", "vpt-shallow", "linear", "linear-cached", "bias", "adapter", "lora", "full")
+METHODS = (
+    "vpt-deep",
+    "vpt-deep-ckpt",
+    "vpt-deep-compiled",
+    "vpt-shallow",
+    "linear",
+    "linear-cached",
+    "bias",
+    "adapter",
+    "lora",
+    "full",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -51,7 +62,7 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
 
     device = torch.device(args.device)
     backbone = vptune.load_backbone(args.backbone)
-    name = {"linear-cached": "linear", "vpt-deep-ckpt": "vpt-deep"}.get(method, method)
+    name = {"linear-cached": "linear", "vpt-deep-ckpt": "vpt-deep", "vpt-deep-compiled": "vpt-deep"}.get(method, method)
     prompt = vptune.PromptConfig(num_tokens=args.num_tokens, dropout=0.0) if name.startswith("vpt") else None
     model = vptune.build(name, backbone, 10, prompt, args.size).to(device).train()
     model.checkpointing = method.endswith("-ckpt")  # gradient checkpointing: blocks recomputed in backward
@@ -65,9 +76,11 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         [p for p in model.parameters() if p.requires_grad], TrainConfig(base_lr=0.01).for_method(name)
     )
 
-    def step() -> None:
+    runner = torch.compile(model) if method.endswith("-compiled") else model  # compiled in the warm-up steps
+
+    def step(module: torch.nn.Module = runner) -> None:
         with _autocast(device, args.precision):
-            loss = F.cross_entropy(model(x, start=start_point).float(), labels)
+            loss = F.cross_entropy(module(x, start=start_point).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -75,7 +88,7 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
     resident = _reset_peak_memory(device)  # the loaded model and batch; loading's transient peak is forgotten
     seconds = _median_seconds(step, device, args.warmup, args.repeats)
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(model)  # counted eagerly: a compiled step does the same arithmetic in fused kernels
     flops = counter.get_total_flops()
     peak = _peak_memory(device)
     return {
