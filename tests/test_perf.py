@@ -24,7 +24,11 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     assert "| vpt-deep |" in capsys.readouterr().out
 
 
-def test_each_method_can_run_in_its_own_process(saved_backbone, capsys) -> None:
+def test_each_method_can_run_in_its_own_process(tmp_path, saved_backbone, capsys) -> None:
+    out = tmp_path / "perf.json"
     argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "4", "--repeats", "1", "--warmup", "1"]
-    assert main([*argv, "--methods", "vpt-deep,full", "--gemm-size", "64"]) == 0
+    assert main([*argv, "--methods", "vpt-deep,full", "--gemm-size", "64", "--json", str(out)]) == 0
     assert "| full |" in capsys.readouterr().out
+    for row in json.loads(out.read_text())["rows"]:  # CPU: memory from a second process with a strict allocator
+        assert row["peak_rss_default_malloc_bytes"] > 0 and row["peak_memory_bytes"] >= row["step_memory_bytes"]
+        assert "mmap threshold" in row["memory_kind"]

@@ -2,17 +2,20 @@
 
     python -m vptune.perf --backbone dinov2-small --size 224 --batch 32 --json perf.json
 
-Every method runs in a fresh process (so each peak memory is its own: peak RSS on CPU, max allocated on CUDA) on the
-same random batch: warm-up steps, then the median of ``--repeats`` timed steps. Peak memory is tracked from the
-loaded model on; "step memory" is that peak minus what the loaded model and batch already held, i.e. what
-training adds (activations, gradients, optimiser state). The same run measures a large GEMM in
-the step's dtype; utilisation = the step's counted FLOPs per second / that GEMM's FLOPs per second.
+Every method runs in a fresh process on the same random batch: warm-up steps, then the median of ``--repeats`` timed
+steps. Peak memory is that of one steady-state step after them (optimiser state exists), from the loaded model on;
+"step memory" is that peak minus what the loaded model and batch already held, i.e. what training adds
+(activations, gradients, optimiser state). CUDA: max allocated. CPU: peak RSS, measured in a second fresh process
+whose glibc returns freed tensors to the system (a fixed mmap threshold), so that it follows the live tensors; the
+timing process's peak RSS with glibc's defaults is reported beside it. The same run measures a large GEMM in the
+step's dtype; utilisation = the step's counted FLOPs per second / that GEMM's FLOPs per second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -85,35 +88,48 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         loss.backward()
         optimizer.step()
 
-    resident = _reset_peak_memory(device)  # the loaded model and batch; loading's transient peak is forgotten
-    seconds = _median_seconds(step, device, args.warmup, args.repeats)
+    resident = _memory_in_use(device)  # the loaded model and batch
+    if args.memory_only:
+        step()  # warm-up: optimiser state exists from here
+    else:
+        seconds = _median_seconds(step, device, args.warmup, args.repeats)
+    _reset_peak_memory(device)
+    step()  # a steady-state step: optimiser state and the step's activations and gradients
+    peak = _peak_memory(device)
+    memory = {"peak_memory_bytes": peak, "step_memory_bytes": max(0, peak - resident)}  # RSS lags by a few pages
+    if args.memory_only:
+        return memory
     with FlopCounterMode(display=False) as counter:
         step(model)  # counted eagerly: a compiled step does the same arithmetic in fused kernels
     flops = counter.get_total_flops()
-    peak = _peak_memory(device)
     return {
         "method": method,
         "step_seconds": seconds,
         "images_per_s": args.batch / seconds,
         "flops_per_image": flops / args.batch,
         "achieved_flops": flops / seconds,
-        "peak_memory_bytes": peak,
-        "step_memory_bytes": max(0, peak - resident),  # RSS counters lag by a few pages
+        **memory,
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
     }
 
 
-def _reset_peak_memory(device: torch.device) -> int:
-    """Start peak tracking now; return the memory in use (CUDA: allocated; CPU: resident set)."""
+def _memory_in_use(device: torch.device) -> int:
+    """CUDA: allocated bytes; CPU: the resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS") or _peak_memory(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start peak tracking now (CUDA: max allocated; Linux: the process's peak RSS, VmHWM)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
+        return
     try:
-        with open("/proc/self/clear_refs", "w") as handle:  # Linux: resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
         pass  # elsewhere the peak includes loading
-    return _proc_status_bytes("VmRSS") or _peak_memory(device)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -202,8 +218,23 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _in_fresh_process(args: argparse.Namespace, method: str) -> dict:
-    command = [sys.executable, "-m", "vptune.perf", "--one", method, *_forward_args(args)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    """Time ``method`` in a fresh process; on CPU, measure its memory in a second one with a strict allocator.
+
+    glibc keeps freed blocks and raises its mmap threshold as tensors are freed, so with its defaults the peak RSS
+    holds much memory no tensor uses; with a fixed 128 KiB threshold, freed tensors return to the system and peak
+    RSS follows the live tensors (allocation is slower then, so the timing comes from the default process).
+    """
+    row = _child(args, method, {})
+    if torch.device(args.device).type == "cpu":
+        memory = _child(args, method, {"MALLOC_MMAP_THRESHOLD_": "131072"}, "--memory-only")
+        row["peak_rss_default_malloc_bytes"] = row["peak_memory_bytes"]
+        row.update(memory, memory_kind="peak RSS, glibc mmap threshold 128 KiB")
+    return row
+
+
+def _child(args: argparse.Namespace, method: str, env: dict, *flags: str) -> dict:
+    command = [sys.executable, "-m", "vptune.perf", "--one", method, *_forward_args(args), *flags]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode:
         raise RuntimeError(f"measuring {method} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -222,8 +253,8 @@ def markdown(result: dict) -> str:
         f"{result['precision']}, {result['threads']} threads; GEMM {result['gemm_flops'] / 1e9:.1f} GFLOP/s",
         "",
         "| method | step (s) | images/s | GFLOP/image | utilisation | peak memory (MiB) | step memory (MiB) "
-        "| time vs full | peak vs full | step memory vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS, default malloc (MiB) | time vs full | peak vs full | step memory vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         keys = ("time_vs_full", "memory_vs_full", "step_memory_vs_full")
@@ -231,7 +262,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['method']} | {row['step_seconds']:.3f} | {row['images_per_s']:.1f} | "
             f"{row['flops_per_image'] / 1e9:.2f} | {100 * row['utilisation']:.0f}% | "
-            f"{row['peak_memory_bytes'] / 2**20:.0f} | {row['step_memory_bytes'] / 2**20:.0f} | {versus} |"
+            f"{row['peak_memory_bytes'] / 2**20:.0f} | {row['step_memory_bytes'] / 2**20:.0f} | "
+            f"{_mib(row.get('peak_rss_default_malloc_bytes'))} | {versus} |"
         )
     rates = result["inference_images_per_s"]
     lines += [
@@ -240,6 +272,10 @@ def markdown(result: dict) -> str:
         f"Data time with cached inputs: {100 * result['data_time_fraction']:.1f}% of a vpt-deep step.",
     ]
     return "\n".join(lines)
+
+
+def _mib(count: int | None) -> str:
+    return "-" if count is None else f"{count / 2**20:.0f}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -256,6 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--no-fresh", dest="fresh", action="store_false", help="measure in this process")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the result here")
     return parser
 
