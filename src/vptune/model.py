@@ -101,9 +101,9 @@ class TaskModel(nn.Module):
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
             hidden = self._run_block(index, hidden)
             if self.prompt_config.drop_after and layers and index == layers[-1]:
-                hidden = torch.cat(
-                    [hidden[:, : backbone.num_prefix_tokens], hidden[:, backbone.num_prefix_tokens + num_prompts :]], 1
-                )
+                prefix = backbone.num_prefix_tokens
+                kept = hidden.split([prefix, num_prompts, hidden.shape[1] - prefix - num_prompts], dim=1)
+                hidden = torch.cat([kept[0], kept[2]], dim=1)
                 num_prompts = 0
         tokens = backbone.norm(hidden)
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)

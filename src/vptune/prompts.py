@@ -213,6 +213,8 @@ class Prompts(nn.Module):
                 )
             return hidden + tokens, num_prompts
         tokens = tokens.expand(hidden.shape[0], -1, -1)
-        prefix = self.num_prefix
-        hidden = torch.cat([hidden[:, :prefix], tokens, hidden[:, prefix + num_prompts :]], dim=1)
-        return hidden, tokens.shape[1]
+        # split, not slicing: its backward concatenates the pieces' gradients (zeros only for the replaced prompts)
+        # where each slice's backward would zero-fill and then add a whole sequence-sized gradient
+        pieces = [self.num_prefix, num_prompts, hidden.shape[1] - self.num_prefix - num_prompts]
+        prefix_tokens, _, patch_tokens = hidden.split(pieces, dim=1)
+        return torch.cat([prefix_tokens, tokens, patch_tokens], dim=1), tokens.shape[1]
