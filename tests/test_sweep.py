@@ -36,7 +36,8 @@ def test_budgets_and_grids() -> None:
     assert len(paper.settings) == 40 and paper.seeds == 5 and BUDGETS["paper"].image_size == 224
     assert plan_sweep("eurosat", "full", "paper").lrs == (0.005, 0.001, 0.0005, 0.0001)
     assert len(plan_sweep("eurosat", "linear", "cpu").settings) == 4  # head-only: a cheap grid
-    assert plan_sweep("eurosat", "vpt-deep", "cpu").grid_runs() == []  # one setting: nothing to score
+    assert len(plan_sweep("eurosat", "vpt-deep", "cpu").grid_runs()) == 2  # two lrs for the prompt methods
+    assert plan_sweep("eurosat", "full", "cpu").grid_runs() == []  # one setting: nothing to score
     tokens = plan_sweep("eurosat", "vpt-deep", "smoke", lrs=[0.1], wds=[0.0], num_tokens=[1, 10, 50])
     assert [s["num_tokens"] for s in tokens.settings] == [1, 10, 50]
     assert {run["prompt"]["num_tokens"] for run in tokens.grid_runs()} == {1, 10, 50}
