@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import Backbone
-from .prompts import PromptConfig, Prompts
+from .prompts import PromptConfig, Prompts, split_sequence
 
 
 class Head(nn.Module):
@@ -101,9 +101,8 @@ class TaskModel(nn.Module):
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
             hidden = self._run_block(index, hidden)
             if self.prompt_config.drop_after and layers and index == layers[-1]:
-                prefix = backbone.num_prefix_tokens
-                kept = hidden.split([prefix, num_prompts, hidden.shape[1] - prefix - num_prompts], dim=1)
-                hidden = torch.cat([kept[0], kept[2]], dim=1)
+                prefix_tokens, _, patch_tokens = split_sequence(hidden, backbone.num_prefix_tokens, num_prompts)
+                hidden = torch.cat([prefix_tokens, patch_tokens], dim=1)
                 num_prompts = 0
         tokens = backbone.norm(hidden)
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)

@@ -213,8 +213,14 @@ class Prompts(nn.Module):
                 )
             return hidden + tokens, num_prompts
         tokens = tokens.expand(hidden.shape[0], -1, -1)
-        # split, not slicing: its backward concatenates the pieces' gradients (zeros only for the replaced prompts)
-        # where each slice's backward would zero-fill and then add a whole sequence-sized gradient
-        pieces = [self.num_prefix, num_prompts, hidden.shape[1] - self.num_prefix - num_prompts]
-        prefix_tokens, _, patch_tokens = hidden.split(pieces, dim=1)
+        prefix_tokens, _, patch_tokens = split_sequence(hidden, self.num_prefix, num_prompts)
         return torch.cat([prefix_tokens, tokens, patch_tokens], dim=1), tokens.shape[1]
+
+
+def split_sequence(hidden: torch.Tensor, num_prefix: int, num_prompts: int) -> tuple[torch.Tensor, ...]:
+    """``[prefix, prompts, patches]`` of a token sequence (B, T, d).
+
+    One split rather than slices: its backward concatenates the pieces' gradients (zeros only for an unused piece),
+    where every slice's backward would zero-fill and add a whole sequence-sized gradient.
+    """
+    return hidden.split([num_prefix, num_prompts, hidden.shape[1] - num_prefix - num_prompts], dim=1)
