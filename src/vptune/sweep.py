@@ -53,7 +53,7 @@ BUDGETS: dict[str, Budget] = {
     "cpu": Budget(
         "cpu", image_size=56, epochs=8, warmup_epochs=1, batch_size=32, seeds=1,
         sgd_lrs=(0.1, 0.025), adamw_lrs=(0.0005,), wds=(0.0001,), head_only_lrs=(0.4, 0.2, 0.1, 0.05),
-        note="about 80 minutes on a 2-core CPU for linear, vpt-shallow and vpt-deep over the 9 tasks: 56x56 input, "
+        note="about 85 minutes on a 2-core CPU for linear, vpt-shallow and vpt-deep over the 9 tasks: 56x56 input, "
         "8 epochs (1 warmup), batch 32, 1 seed; grid x wd {1e-4}: base lr {0.4, 0.2, 0.1, 0.05} for methods "
         "cached to a head (linear, mlp-k), {0.1, 0.025} for the other SGD methods, AdamW 0.0005 alone",
     ),
