@@ -236,11 +236,13 @@ def test_bf16_autocast_trains_and_reports_fp32_metrics() -> None:
 
 
 @pytest.mark.parametrize("method", ["vpt-deep", "lora", "bias"])
-def test_gradient_checkpointing_trains_the_same_tensors(family: str, method: str) -> None:
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_gradient_checkpointing_trains_the_same_tensors(family: str, method: str, blocks: int) -> None:
     def run(checkpointing: bool) -> vptune.TaskModel:
         prompt = {"dropout": 0.1} if method == "vpt-deep" else {}  # dropout draws the same masks both ways
         model = model_for(tiny_backbone(family), method, **prompt)
-        vptune.fit(model, Splits(tiny_dataset(12)), settings(base_lr=0.5, checkpointing=checkpointing))
+        config = settings(base_lr=0.5, checkpointing=checkpointing, checkpoint_blocks=blocks)
+        vptune.fit(model, Splits(tiny_dataset(12)), config)
         return model
 
     plain, recomputed = run(False), run(True)
@@ -280,3 +282,11 @@ def test_gradient_checkpointing_keeps_fewer_activations() -> None:
         return total[0]
 
     assert saved_bytes(True) < saved_bytes(False) / 2
+    every_block = saved_bytes(True)
+    model.checkpoint_blocks = 1  # only the first of the two blocks: about half of what checkpointing saves
+    assert every_block < saved_bytes(True) < saved_bytes(False)
+
+
+def test_checkpoint_blocks_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="checkpoint_blocks must be >= 0"):
+        vptune.TrainConfig(checkpoint_blocks=-1)

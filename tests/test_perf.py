@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from vptune.perf import METHODS, main
+import pytest
+
+from vptune.perf import METHODS, _base_method, main
 
 
 def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
@@ -20,6 +22,9 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     # the cached step skips the backbone: far fewer FLOPs than the uncached linear step; full does the most work
     assert rows["linear-cached"]["flops_per_image"] < rows["linear"]["flops_per_image"] / 10
     assert rows["full"]["flops_per_image"] > rows["linear"]["flops_per_image"]
+    # checkpointed blocks run their forward twice (the tiny backbone has 3 blocks: ckpt3 = every block)
+    flops = {name: rows[name]["flops_per_image"] for name in ("vpt-deep", "vpt-deep-ckpt3", "vpt-deep-ckpt")}
+    assert flops["vpt-deep"] < flops["vpt-deep-ckpt3"] == flops["vpt-deep-ckpt"]
     assert set(result["inference_images_per_s"]) == {"backbone", "vpt-deep"} and result["data_time_fraction"] > 0
     assert "| vpt-deep |" in capsys.readouterr().out
 
@@ -32,3 +37,11 @@ def test_each_method_can_run_in_its_own_process(tmp_path, saved_backbone, capsys
     for row in json.loads(out.read_text())["rows"]:  # CPU: memory from a second process with a strict allocator
         assert row["peak_rss_default_malloc_bytes"] > 0 and row["peak_memory_bytes"] >= row["step_memory_bytes"]
         assert "mmap threshold" in row["memory_kind"]
+
+
+def test_row_names_give_the_method_and_checkpointed_blocks() -> None:
+    assert _base_method("vpt-deep-ckpt3") == ("vpt-deep", 3)
+    assert _base_method("vpt-deep-ckpt") == ("vpt-deep", 0)  # 0 = every block
+    assert _base_method("linear-cached") == ("linear", 0) and _base_method("full") == ("full", 0)
+    with pytest.raises(ValueError, match="-ckpt<K>"):
+        _base_method("vpt-deep-ckptx")

@@ -52,6 +52,11 @@ class TrainConfig:
     checkpointing: bool = option(
         False, "gradient checkpointing: recompute each block in the backward pass (less memory, one more forward)"
     )
+    checkpoint_blocks: int = option(
+        0,
+        "with --checkpointing: recompute only the first K blocks (0 = every block); each block recomputed trades "
+        "about 1/depth of the activation memory for 1/depth of a forward pass",
+    )
     compile: bool = option(
         False,
         "torch.compile the training step's model (compiles in the first steps; pays off on long runs; "
@@ -76,6 +81,10 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.base_lr is None or self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (
+                self.checkpoint_blocks >= 0,
+                f"checkpoint_blocks must be >= 0 (0 = every block), got {self.checkpoint_blocks}",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -253,7 +262,7 @@ def fit(
     stage = _Stage(model, point)
     torch.manual_seed(config.seed)
     model.train()
-    model.checkpointing = config.checkpointing
+    model.checkpointing, model.checkpoint_blocks = config.checkpointing, config.checkpoint_blocks
     model.record = {**model.record, "train_config": to_dict(config)}
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
     # the same order of samples for any number of processes: rank r of w takes every w-th of one permutation

@@ -79,7 +79,8 @@ class TaskModel(nn.Module):
         self.head: nn.Module = Head(backbone.width, num_classes, generator=generator)
         self.classes: list[str] | None = None
         self.record: dict = {}
-        self.checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
+        self.checkpointing = False  # recompute blocks in the backward pass instead of keeping their activations
+        self.checkpoint_blocks = 0  # with checkpointing: only the first K blocks (0 = every block)
 
     @property
     def num_classes(self) -> int:
@@ -108,9 +109,14 @@ class TaskModel(nn.Module):
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)
 
     def _run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and torch.is_grad_enabled():
+        if self._recomputes(index) and torch.is_grad_enabled():
             return checkpoint(self.backbone.run_block, index, hidden, use_reentrant=False)
         return self.backbone.run_block(index, hidden)
+
+    def _recomputes(self, index: int) -> bool:
+        """Whether block ``index`` is checkpointed. The first blocks are: their recomputation runs late in the
+        backward pass, when most saved activations are already freed, so it does not add to the peak."""
+        return self.checkpointing and (not self.checkpoint_blocks or index < self.checkpoint_blocks)
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0

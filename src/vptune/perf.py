@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 METHODS = (
     "vpt-deep",
     "vpt-deep-ckpt",
+    "vpt-deep-ckpt3",
     "vpt-deep-compiled",
     "vpt-shallow",
     "linear",
@@ -65,10 +66,11 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
 
     device = torch.device(args.device)
     backbone = vptune.load_backbone(args.backbone)
-    name = {"linear-cached": "linear", "vpt-deep-ckpt": "vpt-deep", "vpt-deep-compiled": "vpt-deep"}.get(method, method)
+    name, blocks = _base_method(method)
     prompt = vptune.PromptConfig(num_tokens=args.num_tokens, dropout=0.0) if name.startswith("vpt") else None
     model = vptune.build(name, backbone, 10, prompt, args.size).to(device).train()
-    model.checkpointing = method.endswith("-ckpt")  # gradient checkpointing: blocks recomputed in backward
+    model.checkpointing = "-ckpt" in method  # gradient checkpointing: blocks recomputed in backward
+    model.checkpoint_blocks = blocks
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     start_point = 0
@@ -111,6 +113,14 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         **memory,
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
     }
+
+
+def _base_method(row: str) -> tuple[str, int]:
+    """A row's method and checkpointed blocks: ``vpt-deep-ckpt3`` -> (vpt-deep, 3); ``-ckpt`` alone = every block."""
+    name, _, blocks = row.removesuffix("-cached").removesuffix("-compiled").partition("-ckpt")
+    if blocks and not blocks.isdigit():
+        raise ValueError(f"row {row!r}: write -ckpt<K> with K the number of checkpointed blocks, e.g. vpt-deep-ckpt3")
+    return name, int(blocks or 0)
 
 
 def _memory_in_use(device: torch.device) -> int:
