@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import DEPTH, IMAGE, PATCH, PREFIX, WIDTH, pixels, tiny_backbone, tiny_hf_model
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import vptune
-from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN
+from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN, drop_tokens
 from vptune.prompts import PromptConfig
 
 # (height, width): the native size, and sizes whose position embeddings the family must interpolate
@@ -169,3 +170,35 @@ def test_short_name_resolves_under_vptune_weights(tmp_path, monkeypatch) -> None
 def test_missing_hub_model_says_how_to_fix(tmp_path) -> None:
     with pytest.raises(ValueError, match="VPTUNE_WEIGHTS"):
         vptune.load_backbone(f"hf:{tmp_path / 'absent'}")
+
+
+@pytest.mark.parametrize("skip", [(1, 4), (1, None), (0, 2)])  # middle tokens; all but the class token; the first two
+def test_a_block_skips_unread_outputs_and_computes_the_rest_unchanged(backbone: vptune.Backbone, skip) -> None:
+    tokens = backbone.embed(pixels(backbone, 2))
+    skip = (skip[0], skip[1] or tokens.shape[1])
+    for index in range(DEPTH):
+        with FlopCounterMode(display=False) as whole:
+            every = backbone.blocks[index](tokens, None)
+        with FlopCounterMode(display=False) as part:
+            kept = backbone.run_block(index, tokens, skip)
+        assert kept.shape == (2, tokens.shape[1] - (skip[1] - skip[0]), WIDTH)
+        torch.testing.assert_close(kept, drop_tokens(every, skip), atol=1e-5, rtol=1e-4)  # fp32 summation order
+        assert part.get_total_flops() < whole.get_total_flops()  # queries and MLP for the kept tokens only
+        tokens = every
+
+
+def test_an_unknown_block_layout_runs_whole_and_drops_the_unread_outputs() -> None:
+    class Block(nn.Module):  # post-norm: not the pre-norm layout the partial path assumes
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+            self.norm1 = nn.LayerNorm(WIDTH)
+
+        def forward(self, tokens: torch.Tensor, mask=None) -> torch.Tensor:
+            return self.norm1(tokens + self.attention(tokens, tokens, tokens)[0])
+
+    backbone = tiny_backbone("dinov2")
+    backbone.model.encoder.layer[0] = Block()
+    tokens = torch.randn(2, 7, WIDTH)
+    expected = backbone.model.encoder.layer[0](tokens)
+    torch.testing.assert_close(backbone.run_block(0, tokens, (1, 3)), drop_tokens(expected, (1, 3)))

@@ -123,7 +123,7 @@ def test_backbone_stays_in_eval_mode_while_training(backbone: vptune.Backbone) -
             backbone_modes = {m.training for m in [backbone, *backbone.model.modules()]}
             states.append((model.training, model.prompts.training, backbone_modes))
 
-    handle = backbone.blocks[-1].register_forward_hook(check)
+    handle = backbone.blocks[-1].mlp.register_forward_hook(check)
     try:
         vptune.fit(model, Splits(tiny_dataset(8), val=tiny_dataset(4)), settings())
     finally:

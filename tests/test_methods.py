@@ -258,3 +258,13 @@ def test_sidetune_blend_starts_at_one_half(backbone: vptune.Backbone) -> None:
     linear = make("linear", backbone)
     expected = 0.5 * linear.forward_features(x) + 0.5 * model.side(x)
     assert torch.allclose(model.forward_features(x), expected)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_skipping_unread_outputs_trains_every_method_alike(backbone: vptune.Backbone, method: str) -> None:
+    plain, skipping = make(method, backbone), make(method, backbone)
+    plain.skip_unread = False  # every token of every block computed: the reference
+    for step, (expected, got) in enumerate(zip(sgd_steps(plain, 2), sgd_steps(skipping, 2), strict=True)):
+        assert expected.keys() == got.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")

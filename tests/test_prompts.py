@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEPTH, IMAGE, PATCH, WIDTH, pixels
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTConfig, ViTModel
 
 import vptune
@@ -74,6 +75,7 @@ INSERTION = {
 def test_prompt_insertion(backbone: vptune.Backbone, case: str) -> None:
     method, options, plan = INSERTION[case]
     model = make(backbone, method, num_tokens=P, **options).eval()
+    model.skip_unread = False  # whole blocks run, so that block hooks see every token
     x = pixels(backbone, 2)
     with block_io(backbone) as (inputs, outputs), torch.no_grad():
         logits = model(x)
@@ -118,6 +120,7 @@ def test_prompt_order_does_not_matter(backbone: vptune.Backbone, method: str) ->
 @pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
 def test_add_location_adds_to_every_token(backbone: vptune.Backbone, method: str) -> None:
     model = make(backbone, method, num_tokens=P, location="add").eval()
+    model.skip_unread = False  # whole blocks run, so that block hooks see every token
     x = pixels(backbone, 2)
     with block_io(backbone) as (inputs, outputs), torch.no_grad():
         model(x)
@@ -132,6 +135,7 @@ def test_add_location_adds_to_every_token(backbone: vptune.Backbone, method: str
 
 def test_prepend_pixel_prompts_pass_through_the_patch_embedding(backbone: vptune.Backbone) -> None:
     model = make(backbone, "vpt-shallow", num_tokens=P, location="prepend-pixel").eval()
+    model.skip_unread = False  # whole blocks run, so that block hooks see every token
     assert model.prompts.embeddings.shape == (1, 1, P, 3 * PATCH * PATCH)
     x = pixels(backbone, 2)
     with block_io(backbone) as (inputs, _), torch.no_grad():
@@ -145,6 +149,7 @@ def test_prepend_pixel_prompts_pass_through_the_patch_embedding(backbone: vptune
 
 def test_concat_channel_is_a_fourth_input_channel(backbone: vptune.Backbone) -> None:
     model = make(backbone, "vpt-shallow", location="concat-channel").eval()
+    model.skip_unread = False  # whole blocks run, so that block hooks see every token
     with torch.no_grad():
         model.prompts.embeddings.normal_()
     x = pixels(backbone, 2)
@@ -165,6 +170,7 @@ def test_concat_channel_is_a_fourth_input_channel(backbone: vptune.Backbone) -> 
 
 def test_projected_prompts(backbone: vptune.Backbone) -> None:
     model = make(backbone, "vpt-deep", num_tokens=P, project=8).eval()
+    model.skip_unread = False  # whole blocks run, so that block hooks see every token
     assert model.prompts.embeddings.shape == (1, DEPTH, P, 8)
     assert model.prompts.embeddings.abs().max() <= xavier_bound(PATCH, 8)  # bound uses the stored width k
     x = pixels(backbone, 2)
@@ -189,6 +195,7 @@ POOL = {
 @pytest.mark.parametrize("readout", READOUTS)
 def test_readout_pools_the_right_tokens(backbone: vptune.Backbone, readout: str) -> None:
     model = make(backbone, "vpt-deep", num_tokens=P, readout=readout).eval()
+    model.skip_unread = False  # whole blocks run, so that block hooks see every token
     normed = []
     handle = backbone.norm.register_forward_hook(lambda module, args, output: normed.append(output))
     with torch.no_grad():
@@ -438,3 +445,32 @@ def test_several_layers_mean_deep_prompts(backbone: vptune.Backbone) -> None:
     assert PromptConfig(layers=[1]).deep is False
     model = vptune.build("vpt-deep", backbone, 3, prompt=PromptConfig(num_tokens=2, layers=[0, 1]), image_size=IMAGE)
     assert model.prompts.layers == [0, 1] and model.prompts.embeddings.shape[1] == 2
+
+
+# --- outputs nothing reads are not computed ----------------------------------------------------------------------
+
+
+def logits_and_gradients(model: vptune.TaskModel, x: torch.Tensor, skip_unread: bool):
+    model.skip_unread = skip_unread
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    logits.square().sum().backward()
+    return logits.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", [*INSERTION, *(f"readout-{readout}" for readout in READOUTS)])
+def test_skipping_unread_outputs_changes_no_logit_and_no_gradient(backbone: vptune.Backbone, case: str) -> None:
+    method, options, _ = INSERTION.get(case, ("vpt-deep", {"readout": case.removeprefix("readout-")}, None))
+    model = make(backbone, method, num_tokens=P, **options).eval()  # eval: no prompt dropout, gradients still flow
+    x = pixels(backbone, 3)
+    reference, reference_grads = logits_and_gradients(model, x, skip_unread=False)
+    with FlopCounterMode(display=False) as counter:
+        logits, grads = logits_and_gradients(model, x, skip_unread=True)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with FlopCounterMode(display=False) as whole:
+        logits_and_gradients(model, x, skip_unread=False)
+    skips = options.get("readout", "cls") == "cls" or method == "vpt-deep" or options.get("drop_after")
+    assert (counter.get_total_flops() < whole.get_total_flops()) == bool(skips)

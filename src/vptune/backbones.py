@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,9 +115,37 @@ class Backbone(nn.Module):
         tokens = tokens + self.positions(tokens, height, width).to(tokens.dtype)
         return self.after_positions(tokens)
 
-    def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Apply block ``index`` to a token sequence (no attention mask)."""
-        return self.blocks[index](tokens, None)
+    def run_block(self, index: int, tokens: torch.Tensor, skip: tuple[int, int] | None = None) -> torch.Tensor:
+        """Apply block ``index`` to a token sequence (no attention mask).
+
+        ``skip = (start, stop)``: the outputs of tokens ``start..stop-1`` are never read, so they are not computed;
+        those tokens still serve as keys and values, and the result holds the other tokens, in order. The blocks of
+        known layouts (ViT, DINOv2, CLIP) then project queries and run the MLP for the kept tokens only.
+        """
+        block = self.blocks[index]
+        if skip is None:
+            return block(tokens, None)
+        if type(block).__name__ not in PRE_NORM_BLOCKS:
+            return drop_tokens(block(tokens, None), skip)  # an unknown layout: the whole block, then the selection
+        return self._pre_norm_block(block, tokens, skip)
+
+    def _pre_norm_block(self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
+        """``x + ls1(attn(norm1(x)))`` then ``+ ls2(mlp(norm2(.)))``, with queries from the kept tokens only."""
+        parts = {role: _part(block, paths) for role, paths in BLOCK_PATHS.items()}
+        heads = self.model.config.num_attention_heads
+        normed = parts["norm1"](tokens)
+
+        def split_heads(states: torch.Tensor) -> torch.Tensor:
+            return states.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+        query = split_heads(parts["q"](drop_tokens(normed, skip)))
+        attended = F.scaled_dot_product_attention(
+            query, split_heads(parts["k"](normed)), split_heads(parts["v"](normed))
+        )
+        hidden = drop_tokens(tokens, skip) + _scaled(
+            block, "layer_scale1", parts["o"](attended.transpose(1, 2).flatten(2))
+        )
+        return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's own output: every token after the final norm, (B, prefix + #patches, d)."""
@@ -186,6 +215,37 @@ ATTENTION_PATHS = {
     "v": ("attention.v_proj", "self_attn.v_proj", "attention.attention.value"),
     "o": ("attention.o_proj", "self_attn.out_proj", "attention.output.dense"),
 }
+
+
+# Pre-norm blocks whose parts (the paths below, ``mlp``, optional ``layer_scale1/2``) compose as in
+# Backbone._pre_norm_block, their dropout and drop-path being off in the frozen backbone.
+PRE_NORM_BLOCKS = ("ViTLayer", "Dinov2Layer", "Dinov2WithRegistersLayer", "CLIPEncoderLayer")
+BLOCK_PATHS = {
+    "norm1": ("norm1", "layernorm_before", "layer_norm1"),
+    "norm2": ("norm2", "layernorm_after", "layer_norm2"),
+    **ATTENTION_PATHS,
+}
+
+
+def drop_tokens(tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
+    """``tokens`` (B, T, d) without positions ``skip[0]..skip[1]-1``, by one split (cheap in the backward pass)."""
+    start, stop = skip
+    before, _, after = tokens.split([start, stop - start, tokens.shape[1] - stop], dim=1)
+    return after if start == 0 else before if stop == tokens.shape[1] else torch.cat([before, after], dim=1)
+
+
+def _part(block: nn.Module, paths: Sequence[str]) -> nn.Module:
+    for path in paths:
+        try:
+            return block.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(block).__name__} has none of {', '.join(paths)}: not the pre-norm layout expected")
+
+
+def _scaled(block: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
+    scale = getattr(block, name, None)
+    return states if scale is None else scale(states)
 
 
 def _find_linear(block: nn.Module, paths: Sequence[str], what: str) -> nn.Linear:

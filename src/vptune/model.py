@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .backbones import Backbone
-from .prompts import PromptConfig, Prompts, split_sequence
+from .backbones import Backbone, drop_tokens
+from .prompts import PromptConfig, Prompts
 
 
 class Head(nn.Module):
@@ -81,6 +81,7 @@ class TaskModel(nn.Module):
         self.record: dict = {}
         self.checkpointing = False  # recompute blocks in the backward pass instead of keeping their activations
         self.checkpoint_blocks = 0  # with checkpointing: only the first K blocks (0 = every block)
+        self.skip_unread = True  # compute no block outputs that nothing reads (False: every token of every block)
 
     @property
     def num_classes(self) -> int:
@@ -100,18 +101,33 @@ class TaskModel(nn.Module):
         for index in range(start, backbone.depth):
             if index in layers:
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
-            hidden = self._run_block(index, hidden)
-            if self.prompt_config.drop_after and layers and index == layers[-1]:
-                prefix_tokens, _, patch_tokens = split_sequence(hidden, backbone.num_prefix_tokens, num_prompts)
-                hidden = torch.cat([prefix_tokens, patch_tokens], dim=1)
-                num_prompts = 0
+            skip = self._unread(index, hidden.shape[1], num_prompts, layers) if self.skip_unread else None
+            hidden = self._run_block(index, hidden, skip)
+            if skip is not None:
+                num_prompts = 0  # the prompts' outputs, never read, were not computed
+            elif self.prompt_config.drop_after and layers and index == layers[-1]:
+                prefix = backbone.num_prefix_tokens  # (skip_unread off: the prompts' outputs were computed)
+                hidden, num_prompts = drop_tokens(hidden, (prefix, prefix + num_prompts)), 0
         tokens = backbone.norm(hidden)
         return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)
 
-    def _run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _unread(self, index: int, length: int, num_prompts: int, layers: list[int]) -> tuple[int, int] | None:
+        """Tokens whose outputs of block ``index`` nothing reads, as a ``(start, stop)`` range, or None.
+
+        With the ``cls`` read-out, the last block's outputs are read for the class token alone; a block's prompt
+        outputs are discarded when the next block inserts fresh prompts (VPT-Deep) or when ``drop_after`` removes
+        them after the last prompted block.
+        """
+        prefix, config = self.backbone.num_prefix_tokens, self.prompt_config
+        if index == self.backbone.depth - 1 and config.readout == "cls":
+            return (1, length)
+        replaced = index + 1 in layers or (config.drop_after and bool(layers) and index == layers[-1])
+        return (prefix, prefix + num_prompts) if num_prompts and replaced else None
+
+    def _run_block(self, index: int, hidden: torch.Tensor, skip: tuple[int, int] | None) -> torch.Tensor:
         if self._recomputes(index) and torch.is_grad_enabled():
-            return checkpoint(self.backbone.run_block, index, hidden, use_reentrant=False)
-        return self.backbone.run_block(index, hidden)
+            return checkpoint(self.backbone.run_block, index, hidden, skip, use_reentrant=False)
+        return self.backbone.run_block(index, hidden, skip)
 
     def _recomputes(self, index: int) -> bool:
         """Whether block ``index`` is checkpointed. The first blocks are: their recomputation runs late in the
@@ -151,8 +167,9 @@ class TaskModel(nn.Module):
         """The frozen stretch's output: tokens entering block ``point``, or pooled features when ``point`` is N + 1."""
         backbone = self.backbone
         hidden = backbone.embed(pixel_values)
+        pooled = point > backbone.depth and self.skip_unread  # then only the read-out's tokens leave the last block
         for index in range(min(point, backbone.depth)):
-            hidden = backbone.run_block(index, hidden)
+            hidden = backbone.run_block(index, hidden, self._unread(index, hidden.shape[1], 0, []) if pooled else None)
         if point <= backbone.depth:
             return hidden
         return read_out(backbone.norm(hidden), self.prompt_config.readout, backbone.num_prefix_tokens, 0)
