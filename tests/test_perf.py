@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -12,13 +13,16 @@ from vptune.perf import METHODS, _base_method, main
 def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     out = tmp_path / "perf.json"
     argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "4", "--repeats", "1", "--warmup", "1"]
-    assert main([*argv, "--no-fresh", "--gemm-size", "64", "--json", str(out)]) == 0
+    assert main([*argv, "--no-fresh", "--rounds", "2", "--gemm-size", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {row["method"]: row for row in result["rows"]}
     assert set(rows) == set(METHODS)
     for row in rows.values():
         assert row["step_seconds"] > 0 and row["flops_per_image"] > 0 and 0 < row["utilisation"]
         assert row["peak_memory_bytes"] >= row["step_memory_bytes"] >= 0 and "time_vs_full" in row
+        assert len(row["step_seconds_rounds"]) == 2 and row["step_seconds"] == statistics.median(
+            row["step_seconds_rounds"]
+        )
     # the cached step skips the backbone: far fewer FLOPs than the uncached linear step; full does the most work
     assert rows["linear-cached"]["flops_per_image"] < rows["linear"]["flops_per_image"] / 10
     assert rows["full"]["flops_per_image"] > rows["linear"]["flops_per_image"]
@@ -26,7 +30,8 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     flops = {name: rows[name]["flops_per_image"] for name in ("vpt-deep", "vpt-deep-ckpt3", "vpt-deep-ckpt")}
     assert flops["vpt-deep"] < flops["vpt-deep-ckpt3"] == flops["vpt-deep-ckpt"]
     assert set(result["inference_images_per_s"]) == {"backbone", "vpt-deep"} and result["data_time_fraction"] > 0
-    assert "| vpt-deep |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| vpt-deep |" in printed and "median of 2 rounds" in printed
 
 
 def test_each_method_can_run_in_its_own_process(tmp_path, saved_backbone, capsys) -> None:

@@ -3,7 +3,9 @@
     python -m vptune.perf --backbone dinov2-small --size 224 --batch 32 --json perf.json
 
 Every method runs in a fresh process on the same random batch: warm-up steps, then the median of ``--repeats`` timed
-steps. Peak memory is that of one steady-state step after them (optimiser state exists), from the loaded model on;
+steps; ``--rounds R`` times every method R times, round-robin, each time in a fresh process, and reports the median
+(a slow spell of a shared machine then hits every method alike; time vs full is the median of the rounds' ratios).
+Peak memory is that of one steady-state step after the timing (optimiser state exists), from the loaded model on;
 "step memory" is that peak minus what the loaded model and batch already held, i.e. what training adds
 (activations, gradients, optimiser state). CUDA: max allocated. CPU: peak RSS, measured in a second fresh process
 whose glibc returns freed tensors to the system (a fixed mmap threshold), so that it follows the live tensors; the
@@ -91,6 +93,8 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         optimizer.step()
 
     resident = _memory_in_use(device)  # the loaded model and batch
+    if args.time_only:
+        return {"method": method, "step_seconds": _median_seconds(step, device, args.warmup, args.repeats)}
     if args.memory_only:
         step()  # warm-up: optimiser state exists from here
     else:
@@ -203,12 +207,21 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rows = [_in_fresh_process(args, method) if args.fresh else measure_method(args, method) for method in args.methods]
+    for row in rows:
+        row["step_seconds_rounds"] = [row["step_seconds"]]
+    for _ in range(args.rounds - 1):  # round-robin, so that a slow spell of the machine hits every row alike
+        for row in rows:
+            row["step_seconds_rounds"].append(_time_again(args, row["method"]))
     peak = gemm_rate(device, dtype, args.gemm_size)
     full = next((row for row in rows if row["method"] == "full"), None)
     for row in rows:
+        row["step_seconds"] = statistics.median(row["step_seconds_rounds"])
+        row["images_per_s"] = args.batch / row["step_seconds"]
+        row["achieved_flops"] = row["flops_per_image"] * row["images_per_s"]
         row["utilisation"] = row["achieved_flops"] / peak
-        if full is not None:
-            row["time_vs_full"] = row["step_seconds"] / full["step_seconds"]
+        if full is not None:  # the median of the rounds' ratios: robust to drift between rounds
+            pairs = zip(row["step_seconds_rounds"], full["step_seconds_rounds"], strict=True)
+            row["time_vs_full"] = statistics.median(seconds / full_seconds for seconds, full_seconds in pairs)
             row["memory_vs_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
             if full["step_memory_bytes"] > 0:
                 row["step_memory_vs_full"] = row["step_memory_bytes"] / full["step_memory_bytes"]
@@ -221,6 +234,7 @@ def run(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "threads": torch.get_num_threads(),
         "gemm_flops": peak,
+        "rounds": args.rounds,
         "rows": rows,
         "inference_images_per_s": inference_rate(args),
         "data_time_fraction": data_fraction(args, deep["step_seconds"]),
@@ -242,6 +256,13 @@ def _in_fresh_process(args: argparse.Namespace, method: str) -> dict:
     return row
 
 
+def _time_again(args: argparse.Namespace, method: str) -> float:
+    """Another timing of ``method`` (step time only), in a fresh process unless ``--no-fresh``."""
+    if not args.fresh:
+        return measure_method(argparse.Namespace(**{**vars(args), "time_only": True}), method)["step_seconds"]
+    return _child(args, method, {}, "--time-only")["step_seconds"]
+
+
 def _child(args: argparse.Namespace, method: str, env: dict, *flags: str) -> dict:
     command = [sys.executable, "-m", "vptune.perf", "--one", method, *_forward_args(args), *flags]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
@@ -260,7 +281,8 @@ def _forward_args(args: argparse.Namespace) -> list[str]:
 def markdown(result: dict) -> str:
     lines = [
         f"{result['backbone']}, {result['size']}x{result['size']}, batch {result['batch']}, {result['device']}, "
-        f"{result['precision']}, {result['threads']} threads; GEMM {result['gemm_flops'] / 1e9:.1f} GFLOP/s",
+        f"{result['precision']}, {result['threads']} threads; GEMM {result['gemm_flops'] / 1e9:.1f} GFLOP/s"
+        + _rounds_note(result.get("rounds", 1)),
         "",
         "| method | step (s) | images/s | GFLOP/image | utilisation | peak memory (MiB) | step memory (MiB) "
         "| peak RSS, default malloc (MiB) | time vs full | peak vs full | step memory vs full |",
@@ -284,6 +306,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _rounds_note(rounds: int) -> str:
+    if rounds == 1:
+        return ""
+    return f"; step time: median of {rounds} rounds, time vs full: median of the rounds' ratios"
+
+
 def _mib(count: int | None) -> str:
     return "-" if count is None else f"{count / 2**20:.0f}"
 
@@ -299,10 +327,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="time every row this many times, round-robin")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--no-fresh", dest="fresh", action="store_false", help="measure in this process")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the result here")
     return parser
 
