@@ -139,12 +139,9 @@ class Backbone(nn.Module):
             return states.unflatten(-1, (heads, -1)).transpose(1, 2)
 
         query = split_heads(parts["q"](drop_tokens(normed, skip)))
-        attended = F.scaled_dot_product_attention(
-            query, split_heads(parts["k"](normed)), split_heads(parts["v"](normed))
-        )
-        hidden = drop_tokens(tokens, skip) + _scaled(
-            block, "layer_scale1", parts["o"](attended.transpose(1, 2).flatten(2))
-        )
+        keys, values = split_heads(parts["k"](normed)), split_heads(parts["v"](normed))
+        attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
+        hidden = drop_tokens(tokens, skip) + _scaled(block, "layer_scale1", parts["o"](attended))
         return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
