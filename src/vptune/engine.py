@@ -54,8 +54,8 @@ class TrainConfig:
     )
     checkpoint_blocks: int = option(
         0,
-        "with --checkpointing: recompute only the first K blocks (0 = every block); each block recomputed trades "
-        "about 1/depth of the activation memory for 1/depth of a forward pass",
+        "gradient checkpointing of the first K blocks only (K > 0 turns it on; 0: every block with --checkpointing); "
+        "each block recomputed trades about 1/depth of the activation memory for 1/depth of a forward pass",
     )
     compile: bool = option(
         False,
@@ -293,7 +293,7 @@ def fit(
         metrics["test_accuracy"] = score(splits.test)
         log.write({"final": True, **metrics})
     model.eval()
-    model.checkpointing = False
+    model.checkpointing, model.checkpoint_blocks = False, 0
     return metrics
 
 

@@ -80,7 +80,7 @@ class TaskModel(nn.Module):
         self.classes: list[str] | None = None
         self.record: dict = {}
         self.checkpointing = False  # recompute blocks in the backward pass instead of keeping their activations
-        self.checkpoint_blocks = 0  # with checkpointing: only the first K blocks (0 = every block)
+        self.checkpoint_blocks = 0  # K > 0: recompute only the first K blocks (0: every block when checkpointing)
         self.skip_unread = True  # compute no block outputs that nothing reads (False: every token of every block)
 
     @property
@@ -132,7 +132,9 @@ class TaskModel(nn.Module):
     def _recomputes(self, index: int) -> bool:
         """Whether block ``index`` is checkpointed. The first blocks are: their recomputation runs late in the
         backward pass, when most saved activations are already freed, so it does not add to the peak."""
-        return self.checkpointing and (not self.checkpoint_blocks or index < self.checkpoint_blocks)
+        if self.checkpoint_blocks:  # K blocks asked for: checkpointing is on for those
+            return index < self.checkpoint_blocks
+        return self.checkpointing
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0
