@@ -224,11 +224,19 @@ BLOCK_PATHS = {
 }
 
 
+def split_range(tokens: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tokens`` (B, T, d) as the pieces before ``start``, ``start..stop-1`` and from ``stop`` on.
+
+    One split rather than slices: its backward concatenates the pieces' gradients (zeros only for an unused piece),
+    where every slice's backward would zero-fill and add a whole sequence-sized gradient.
+    """
+    return tokens.split([start, stop - start, tokens.shape[1] - stop], dim=1)
+
+
 def drop_tokens(tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
-    """``tokens`` (B, T, d) without positions ``skip[0]..skip[1]-1``, by one split (cheap in the backward pass)."""
-    start, stop = skip
-    before, _, after = tokens.split([start, stop - start, tokens.shape[1] - stop], dim=1)
-    return after if start == 0 else before if stop == tokens.shape[1] else torch.cat([before, after], dim=1)
+    """``tokens`` (B, T, d) without positions ``skip[0]..skip[1]-1``."""
+    before, _, after = split_range(tokens, *skip)
+    return after if not before.shape[1] else before if not after.shape[1] else torch.cat([before, after], dim=1)
 
 
 def _part(block: nn.Module, paths: Sequence[str]) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone
+from .backbones import Backbone, split_range
 from .config import option
 
 LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")
@@ -213,14 +213,5 @@ class Prompts(nn.Module):
                 )
             return hidden + tokens, num_prompts
         tokens = tokens.expand(hidden.shape[0], -1, -1)
-        prefix_tokens, _, patch_tokens = split_sequence(hidden, self.num_prefix, num_prompts)
+        prefix_tokens, _, patch_tokens = split_range(hidden, self.num_prefix, self.num_prefix + num_prompts)
         return torch.cat([prefix_tokens, tokens, patch_tokens], dim=1), tokens.shape[1]
-
-
-def split_sequence(hidden: torch.Tensor, num_prefix: int, num_prompts: int) -> tuple[torch.Tensor, ...]:
-    """``[prefix, prompts, patches]`` of a token sequence (B, T, d).
-
-    One split rather than slices: its backward concatenates the pieces' gradients (zeros only for an unused piece),
-    where every slice's backward would zero-fill and add a whole sequence-sized gradient.
-    """
-    return hidden.split([num_prefix, num_prompts, hidden.shape[1] - num_prefix - num_prompts], dim=1)
