@@ -50,3 +50,11 @@ def test_row_names_give_the_method_and_checkpointed_blocks() -> None:
     assert _base_method("linear-cached") == ("linear", 0) and _base_method("full") == ("full", 0)
     with pytest.raises(ValueError, match="-ckpt<K>"):
         _base_method("vpt-deep-ckptx")
+
+
+def test_profile_prints_each_rows_operators(saved_backbone, capsys) -> None:
+    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "2", "--repeats", "2", "--warmup", "1"]
+    assert main([*argv, "--methods", "vpt-deep,linear-cached", "--profile"]) == 0
+    printed = capsys.readouterr().out
+    assert "vpt-deep: 2 steps, operators by self CPU time" in printed and "linear-cached: 2 steps" in printed
+    assert "aten::addmm" in printed or "aten::linear" in printed or "aten::mm" in printed

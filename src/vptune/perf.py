@@ -1,6 +1,7 @@
 """Performance harness: training-step time, peak memory, FLOPs and utilisation per method, side by side in one run.
 
     python -m vptune.perf --backbone dinov2-small --size 224 --batch 32 --json perf.json
+    python -m vptune.perf --methods vpt-deep,full --profile     # where each step's time goes, by operator
 
 Every method runs in a fresh process on the same random batch: warm-up steps, then the median of ``--repeats`` timed
 steps; ``--rounds R`` times every method R times, round-robin, each time in a fresh process, and reports the median
@@ -61,8 +62,8 @@ def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> floa
     return statistics.median(times)
 
 
-def measure_method(args: argparse.Namespace, method: str) -> dict:
-    """One method's training step: seconds, images/s, FLOPs per image, peak memory."""
+def training_step(args: argparse.Namespace, method: str):
+    """One row's model and a closure running one training step (forward, backward, optimiser) on a random batch."""
     import vptune
     from vptune.engine import TrainConfig, _autocast, make_optimizer
 
@@ -82,7 +83,6 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
     optimizer = make_optimizer(
         [p for p in model.parameters() if p.requires_grad], TrainConfig(base_lr=0.01).for_method(name)
     )
-
     runner = torch.compile(model) if method.endswith("-compiled") else model  # compiled in the warm-up steps
 
     def step(module: torch.nn.Module = runner) -> None:
@@ -92,6 +92,13 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         loss.backward()
         optimizer.step()
 
+    return model, step
+
+
+def measure_method(args: argparse.Namespace, method: str) -> dict:
+    """One method's training step: seconds, images/s, FLOPs per image, peak memory."""
+    device = torch.device(args.device)
+    model, step = training_step(args, method)
     resident = _memory_in_use(device)  # the loaded model and batch
     if args.time_only:
         return {"method": method, "step_seconds": _median_seconds(step, device, args.warmup, args.repeats)}
@@ -117,6 +124,26 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         **memory,
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
     }
+
+
+def profile(args: argparse.Namespace, method: str, rows: int = 20) -> str:
+    """The operators that take a row's training step time (``--profile``): torch.profiler over ``--repeats`` steps."""
+    from torch.profiler import ProfilerActivity
+
+    device = torch.device(args.device)
+    _, step = training_step(args, method)
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(args.repeats):
+            step()
+        _sync(device)
+    order = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=order, row_limit=rows)
+    return f"{method}: {args.repeats} steps, operators by self {'device' if on_gpu else 'CPU'} time\n{table}"
 
 
 def _base_method(row: str) -> tuple[str, int]:
@@ -194,7 +221,8 @@ def data_fraction(args: argparse.Namespace, step_seconds: float) -> float:
     from vptune.data import normalize
 
     images = torch.randint(0, 256, (args.batch * 4, 3, args.size, args.size), dtype=torch.uint8)
-    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), args.batch, shuffle=True)
+    dataset = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+    loader = DataLoader(dataset, args.batch, shuffle=True, pin_memory=args.device.startswith("cuda"))  # as in fit
 
     def draw() -> None:
         for batch, _ in loader:
@@ -334,6 +362,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--profile", action="store_true", help="print each row's costliest operators instead")
     return parser
 
 
@@ -341,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.one:  # a child process measuring one method
         print(json.dumps(measure_method(args, args.one)))
+        return 0
+    if args.profile:
+        for method in args.methods:
+            print(profile(args, method))
         return 0
     result = run(args)
     print(markdown(result))

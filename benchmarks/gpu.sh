@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks of the performance issue in one short run, on a CUDA machine with python3, torch and transformers:
+# the CUDA tests, then `python -m vptune.perf` on ViT-B/16 and on DINOv2 ViT-S/14 at 224x224, bf16, batch 128,
+# eager rows first, compiled rows after, then a profile of one VPT-Deep and one full step.
+# The backbones are random weights of the real architectures (ViTConfig() is ViT-B/16; the DINOv2 config is
+# dinov2-small's): a step's time, memory and FLOPs do not depend on the weights' values, and nothing is downloaded.
+#
+#   benchmarks/gpu.sh OUT_DIR                       # from the repository root
+#   PERF_ARGS="--device cpu --size 28 --batch 2" benchmarks/gpu.sh runs/dry   # a quick dry run of the script on a CPU
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+mkdir -p "$out"
+models=${MODELS:-/tmp/vptune-gpu}
+extra=(${PERF_ARGS:-})
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python3 -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__,
+    'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  python3 - "$models" <<'EOF'
+import sys
+
+import torch
+from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+torch.manual_seed(0)
+ViTModel(ViTConfig(), add_pooling_layer=False).save_pretrained(f"{sys.argv[1]}/vit-b16")
+small = dict(hidden_size=384, num_attention_heads=6, num_hidden_layers=12, patch_size=14, layer_norm_eps=1e-6)
+Dinov2Model(Dinov2Config(**small)).save_pretrained(f"{sys.argv[1]}/dinov2-s14")
+print("random ViT-B/16 and DINOv2 ViT-S/14 saved under", sys.argv[1])
+EOF
+} 2>&1 | tee "$out/env.txt"
+
+timeout "${TEST_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backbones.py \
+  tests/test_prompts.py tests/test_perf.py 2>&1 | tail -40 | tee "$out/tests.txt"
+
+perf() {  # perf NAME TIMEOUT ARGS...: the table to NAME.md, the figures to NAME.json
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m vptune.perf --size 224 --batch 128 --precision bf16 --repeats 20 --warmup 5 \
+    --gemm-size 8192 "$@" "${extra[@]}" --json "$out/$name.json" 2>&1 | tail -30 | tee "$out/$name.md"
+}
+eager=vpt-deep,vpt-deep-ckpt3,vpt-shallow,linear,linear-cached,bias,adapter,lora,full
+perf vitb16 140 --backbone "hf:$models/vit-b16" --methods "$eager"
+perf dinov2s14 100 --backbone "hf:$models/dinov2-s14" --methods "$eager"
+perf vitb16-compiled 170 --backbone "hf:$models/vit-b16" --methods vpt-deep,vpt-deep-compiled,full,full-compiled
+timeout 45 python3 -m vptune.perf --backbone "hf:$models/vit-b16" --size 224 --batch 128 --precision bf16 \
+  --repeats 3 --warmup 3 --methods vpt-deep,full --profile "${extra[@]}" 2>&1 | tee "$out/profile.txt" >/dev/null
+echo "done: $(ls "$out")"
