@@ -33,7 +33,7 @@ EOF
 } 2>&1 | tee "$out/env.txt"
 
 timeout "${TEST_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backbones.py \
-  tests/test_prompts.py tests/test_perf.py 2>&1 | tail -40 | tee "$out/tests.txt"
+  tests/test_prompts.py tests/test_perf.py 2>&1 | tail -40 | tee -a "$out/env.txt"
 
 perf() {  # perf NAME TIMEOUT ARGS...: the table to NAME.md, the figures to NAME.json
   local name=$1 limit=$2
