@@ -6,7 +6,9 @@ knows which family it runs on. Adding a family is adding a subclass and one line
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -124,9 +126,11 @@ class Backbone(nn.Module):
         """
         block = self.blocks[index]
         if skip is None:
-            return block(tokens, None)
+            return _whole_block(block, tokens)
         if type(block).__name__ not in PRE_NORM_BLOCKS:
-            return drop_tokens(block(tokens, None), skip)  # an unknown layout: the whole block, then the selection
+            return drop_tokens(
+                _whole_block(block, tokens), skip
+            )  # an unknown layout: the whole block, then the selection
         return self._pre_norm_block(block, tokens, skip)
 
     def _pre_norm_block(self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
@@ -237,6 +241,19 @@ def drop_tokens(tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
     """``tokens`` (B, T, d) without positions ``skip[0]..skip[1]-1``."""
     before, _, after = split_range(tokens, *skip)
     return after if not before.shape[1] else before if not after.shape[1] else torch.cat([before, after], dim=1)
+
+
+def _whole_block(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``block(tokens)``, with no attention mask passed where the block's ``forward`` requires one (CLIP)."""
+    return block(tokens, None) if _requires_mask(type(block)) else block(tokens)
+
+
+@functools.cache
+def _requires_mask(kind: type) -> bool:
+    # transformers' blocks differ by family and release: DINOv2's took (hidden_states) alone in 5.17, a mask
+    # after; CLIP's mask has no default
+    parameter = inspect.signature(kind.forward).parameters.get("attention_mask")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _part(block: nn.Module, paths: Sequence[str]) -> nn.Module:
