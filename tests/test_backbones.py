@@ -187,6 +187,24 @@ def test_a_block_skips_unread_outputs_and_computes_the_rest_unchanged(backbone: 
         tokens = every
 
 
+@pytest.mark.parametrize("context_batch", [1, 2])  # one set of prompts for the batch; one per sample
+@pytest.mark.parametrize("skip", [None, (1, None)])
+def test_context_tokens_act_as_inserted_tokens_whose_outputs_are_dropped(
+    backbone: vptune.Backbone, context_batch: int, skip
+) -> None:
+    tokens = backbone.embed(pixels(backbone, 2))
+    prefix, length = backbone.num_prefix_tokens, tokens.shape[1]
+    context = torch.randn(context_batch, 3, WIDTH, generator=torch.Generator().manual_seed(1))
+    inserted = torch.cat([tokens[:, :prefix], context.expand(2, -1, -1), tokens[:, prefix:]], dim=1)
+    for index in range(DEPTH):
+        every = drop_tokens(backbone.run_block(index, inserted), (prefix, prefix + 3))
+        expected = drop_tokens(every, (1, length)) if skip else every
+        got = backbone.run_block(index, tokens, (1, length) if skip else None, context)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        tokens = every
+        inserted = torch.cat([tokens[:, :prefix], context.expand(2, -1, -1), tokens[:, prefix:]], dim=1)
+
+
 def test_an_unknown_block_layout_runs_whole_and_drops_the_unread_outputs() -> None:
     class Block(nn.Module):  # post-norm: not the pre-norm layout the partial path assumes
         def __init__(self) -> None:
@@ -202,3 +220,6 @@ def test_an_unknown_block_layout_runs_whole_and_drops_the_unread_outputs() -> No
     tokens = torch.randn(2, 7, WIDTH)
     expected = backbone.model.encoder.layer[0](tokens)
     torch.testing.assert_close(backbone.run_block(0, tokens, (1, 3)), drop_tokens(expected, (1, 3)))
+    context = torch.randn(1, 2, WIDTH)  # keys and values only: inserted, run whole, outputs dropped
+    expected = backbone.model.encoder.layer[0](torch.cat([tokens, context.expand(2, -1, -1)], dim=1))[:, :7]
+    torch.testing.assert_close(backbone.run_block(0, tokens, (1, 3), context), drop_tokens(expected, (1, 3)))

@@ -474,3 +474,23 @@ def test_skipping_unread_outputs_changes_no_logit_and_no_gradient(backbone: vptu
         logits_and_gradients(model, x, skip_unread=False)
     skips = options.get("readout", "cls") == "cls" or method == "vpt-deep" or options.get("drop_after")
     assert (counter.get_total_flops() < whole.get_total_flops()) == bool(skips)
+
+
+@pytest.mark.parametrize("method", ["vpt-deep", "vpt-shallow"])
+def test_deep_prompts_enter_attention_without_joining_the_sequence(
+    backbone: vptune.Backbone, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VPT-Deep's prompts, replaced at every block, are keys and values only: no block's input holds them.
+    VPT-Shallow's prompts are read by the next blocks: they stay in the sequence."""
+    model = make(backbone, method, num_tokens=P).eval()
+    seen, run_block = [], backbone.run_block
+
+    def spy(index, tokens, skip=None, context=None):
+        seen.append((tokens.shape[1], None if context is None else context.shape[1]))
+        return run_block(index, tokens, skip, context)
+
+    monkeypatch.setattr(backbone, "run_block", spy)
+    model(pixels(backbone, 2))
+    sequence = backbone.num_prefix_tokens + backbone.num_patches(IMAGE)
+    expected = [(sequence, P)] * DEPTH if method == "vpt-deep" else [(sequence + P, None)] * DEPTH
+    assert seen == expected

@@ -117,23 +117,36 @@ class Backbone(nn.Module):
         tokens = tokens + self.positions(tokens, height, width).to(tokens.dtype)
         return self.after_positions(tokens)
 
-    def run_block(self, index: int, tokens: torch.Tensor, skip: tuple[int, int] | None = None) -> torch.Tensor:
+    def run_block(
+        self,
+        index: int,
+        tokens: torch.Tensor,
+        skip: tuple[int, int] | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Apply block ``index`` to a token sequence (no attention mask).
 
         ``skip = (start, stop)``: the outputs of tokens ``start..stop-1`` are never read, so they are not computed;
-        those tokens still serve as keys and values, and the result holds the other tokens, in order. The blocks of
-        known layouts (ViT, DINOv2, CLIP) then project queries and run the MLP for the kept tokens only.
+        those tokens still serve as keys and values, and the result holds the other tokens, in order.
+        ``context`` (1 or B, n, d): tokens that take part in attention as keys and values only, their outputs never
+        computed; for a block, which sees no positions, the same as inserting them anywhere in the sequence and
+        skipping their outputs (VPT-Deep's prompts, replaced by the next block's, without moving the sequence).
+        The blocks of known layouts (ViT, DINOv2, CLIP) project queries and run the MLP for the kept tokens only.
         """
         block = self.blocks[index]
-        if skip is None:
+        if skip is None and context is None:
             return _whole_block(block, tokens)
-        if type(block).__name__ not in PRE_NORM_BLOCKS:
-            return drop_tokens(
-                _whole_block(block, tokens), skip
-            )  # an unknown layout: the whole block, then the selection
-        return self._pre_norm_block(block, tokens, skip)
+        if type(block).__name__ in PRE_NORM_BLOCKS:
+            return self._pre_norm_block(block, tokens, skip, context)
+        length = tokens.shape[1]  # an unknown layout: the whole block on everything, then the selection
+        if context is not None:
+            tokens = torch.cat([tokens, context.expand(tokens.shape[0], -1, -1)], dim=1)
+        outputs = _whole_block(block, tokens)[:, :length]
+        return drop_tokens(outputs, skip) if skip is not None else outputs
 
-    def _pre_norm_block(self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
+    def _pre_norm_block(
+        self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None
+    ) -> torch.Tensor:
         """``x + ls1(attn(norm1(x)))`` then ``+ ls2(mlp(norm2(.)))``, with queries from the kept tokens only."""
         parts = {role: _part(block, paths) for role, paths in BLOCK_PATHS.items()}
         heads = self.model.config.num_attention_heads
@@ -142,10 +155,17 @@ class Backbone(nn.Module):
         def split_heads(states: torch.Tensor) -> torch.Tensor:
             return states.unflatten(-1, (heads, -1)).transpose(1, 2)
 
-        query = split_heads(parts["q"](drop_tokens(normed, skip)))
-        keys, values = split_heads(parts["k"](normed)), split_heads(parts["v"](normed))
-        attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
-        hidden = drop_tokens(tokens, skip) + _scaled(block, "layer_scale1", parts["o"](attended))
+        def keys_values(role: str) -> torch.Tensor:
+            states = parts[role](normed)
+            if context is not None:  # a batch-1 context is projected once and broadcast
+                extra = parts[role](parts["norm1"](context)).to(states.dtype)
+                states = torch.cat([states, extra.expand(states.shape[0], -1, -1)], dim=1)
+            return split_heads(states)
+
+        query = split_heads(parts["q"](drop_tokens(normed, skip) if skip is not None else normed))
+        attended = F.scaled_dot_product_attention(query, keys_values("k"), keys_values("v")).transpose(1, 2).flatten(2)
+        kept = drop_tokens(tokens, skip) if skip is not None else tokens
+        hidden = kept + _scaled(block, "layer_scale1", parts["o"](attended))
         return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -99,10 +99,11 @@ class TaskModel(nn.Module):
         layers = prompts.layers if prompts is not None else []
         num_prompts = 0
         for index in range(start, backbone.depth):
-            if index in layers:
+            context = self._prompt_context(index, hidden, num_prompts, task_ids, layers) if index in layers else None
+            if index in layers and context is None:
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
             skip = self._unread(index, hidden.shape[1], num_prompts, layers) if self.skip_unread else None
-            hidden = self._run_block(index, hidden, skip)
+            hidden = self._run_block(index, hidden, skip, context)
             if skip is not None:
                 num_prompts = 0  # the prompts' outputs, never read, were not computed
             elif self.prompt_config.drop_after and layers and index == layers[-1]:
@@ -124,10 +125,27 @@ class TaskModel(nn.Module):
         replaced = index + 1 in layers or (config.drop_after and bool(layers) and index == layers[-1])
         return (prefix, prefix + num_prompts) if num_prompts and replaced else None
 
-    def _run_block(self, index: int, hidden: torch.Tensor, skip: tuple[int, int] | None) -> torch.Tensor:
+    def _prompt_context(
+        self, index: int, hidden: torch.Tensor, num_prompts: int, task_ids: torch.Tensor | None, layers: list[int]
+    ) -> torch.Tensor | None:
+        """Block ``index``'s prompts as keys and values alone, when nothing reads their outputs; else None (inserted).
+
+        Then the sequence never holds them: no concatenation per block, and the same logits and gradients.
+        """
+        config, prefix = self.prompt_config, self.backbone.num_prefix_tokens
+        if not self.skip_unread or num_prompts or config.location not in ("prepend", "prepend-pixel"):
+            return None
+        unread = self._unread(index, hidden.shape[1] + config.num_tokens, config.num_tokens, layers)
+        if unread is None or not unread[0] <= prefix < prefix + config.num_tokens <= unread[1]:
+            return None
+        return self.prompts.tokens(index, task_ids, hidden.shape[0], self.backbone).to(hidden.dtype)
+
+    def _run_block(
+        self, index: int, hidden: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self._recomputes(index) and torch.is_grad_enabled():
-            return checkpoint(self.backbone.run_block, index, hidden, skip, use_reentrant=False)
-        return self.backbone.run_block(index, hidden, skip)
+            return checkpoint(self.backbone.run_block, index, hidden, skip, context, use_reentrant=False)
+        return self.backbone.run_block(index, hidden, skip, context)
 
     def _recomputes(self, index: int) -> bool:
         """Whether block ``index`` is checkpointed. The first blocks are: their recomputation runs late in the
