@@ -118,3 +118,18 @@ def test_harness_measures_gpu_memory_and_flops(saved_backbone) -> None:
     assert deep["memory_kind"] == "cuda max allocated"
     assert 0 < deep["step_memory_bytes"] < full["step_memory_bytes"]
     assert 0 < deep["flops_per_image"] < full["flops_per_image"]
+
+
+def test_training_batches_live_on_the_gpu() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from vptune.data import ResidentBatches, train_batches
+
+    dataset = tiny_dataset(10)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    batches = train_batches(dataset, 4, sampler, CUDA)
+    assert isinstance(batches, ResidentBatches)
+    images, labels = next(iter(batches))
+    assert images.device.type == labels.device.type == "cuda" and images.dtype == torch.uint8
+    first = list(sampler)[:4]
+    assert torch.equal(images.cpu(), torch.stack([dataset[i][0] for i in first]))

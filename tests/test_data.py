@@ -9,7 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import tiny_dataset
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from vptune import data
 from vptune.data import (
@@ -327,3 +329,42 @@ def test_only_fgvc_training_views_augment(tmp_path: Path) -> None:
     assert not fgvc_dataset(tmp_path / "b", train=False).augments
     vtab = load_split(open_task(make_vtab(tmp_path / "c")), "train", image_size=16, train=True)
     assert not vtab.augments and torch.equal(vtab[0][0], vtab[0][0])
+
+
+# --- training batches --------------------------------------------------------------------------------------------
+
+
+def _loaders(dataset):
+    """A DataLoader as training used to draw batches, and what ``train_batches`` gives, with the same sampler."""
+
+    def sampler():
+        return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+
+    return DataLoader(dataset, 4, sampler=sampler()), data.train_batches(dataset, 4, sampler(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["images", "tensors"])
+def test_resident_batches_are_the_data_loaders_batches_in_its_order(kind: str) -> None:
+    dataset = tiny_dataset(10)  # 10 = two batches of 4 and a last one of 2
+    if kind == "tensors":  # a cached trunk: features and labels
+        dataset = TensorDataset(torch.randn(10, 5, 3), torch.arange(10) % 3)
+    reference, ours = _loaders(dataset)
+    assert isinstance(ours, data.ResidentBatches) and len(ours) == len(reference) == 3
+    for epoch in (0, 1):  # a new order every epoch, the same in both
+        reference.sampler.set_epoch(epoch)
+        ours.sampler.set_epoch(epoch)
+        pairs = list(zip(reference, ours, strict=True))
+        for (images, labels), (our_images, our_labels) in pairs:
+            assert torch.equal(our_images, images) and torch.equal(our_labels, labels)
+            assert our_labels.dtype == labels.dtype == torch.long
+
+
+def test_augmented_or_oversized_splits_stream_through_a_data_loader(monkeypatch) -> None:
+    dataset = tiny_dataset(8)
+    dataset.augments = True  # a new crop at every access: cannot be stacked once
+    assert isinstance(_loaders(dataset)[1], DataLoader)
+    dataset.augments = False
+    monkeypatch.setattr(data, "RESIDENT_LIMIT", 8 * 3 * 16 * 16 - 1)  # one byte short of the split
+    assert isinstance(_loaders(dataset)[1], DataLoader)
+    monkeypatch.setattr(data, "RESIDENT_LIMIT", 8 * 3 * 16 * 16)
+    assert isinstance(_loaders(dataset)[1], data.ResidentBatches)

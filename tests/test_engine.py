@@ -289,3 +289,17 @@ def test_gradient_checkpointing_keeps_fewer_activations() -> None:
 def test_checkpoint_blocks_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="checkpoint_blocks must be >= 0"):
         vptune.TrainConfig(checkpoint_blocks=-1)
+
+
+def test_resident_batches_train_the_same_tensors_as_a_data_loader(monkeypatch) -> None:
+    from vptune import data
+
+    def trained(limit: int) -> dict:
+        monkeypatch.setattr(data, "RESIDENT_LIMIT", limit)  # 0: every split streams through a DataLoader
+        model = model_for(tiny_backbone("vit"))
+        vptune.fit(model, Splits(tiny_dataset(10), val=tiny_dataset(4, seed=1)), settings(cache="off"))
+        return model.trainable_state_dict()
+
+    resident, streamed = trained(data.RESIDENT_LIMIT), trained(0)
+    for name, tensor in resident.items():
+        assert torch.equal(tensor, streamed[name]), name

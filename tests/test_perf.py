@@ -29,7 +29,9 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     # checkpointed blocks run their forward twice (the tiny backbone has 3 blocks: ckpt3 = every block)
     flops = {name: rows[name]["flops_per_image"] for name in ("vpt-deep", "vpt-deep-ckpt3", "vpt-deep-ckpt")}
     assert flops["vpt-deep"] < flops["vpt-deep-ckpt3"] == flops["vpt-deep-ckpt"]
+    assert rows["vpt-deep"]["flops_per_image"] < rows["vpt-deep-whole"]["flops_per_image"]  # unread outputs skipped
     assert set(result["inference_images_per_s"]) == {"backbone", "vpt-deep"} and result["data_time_fraction"] > 0
+    assert result["data_time_fraction_streamed"] > 0
     printed = capsys.readouterr().out
     assert "| vpt-deep |" in printed and "median of 2 rounds" in printed
 
@@ -48,6 +50,7 @@ def test_row_names_give_the_method_and_checkpointed_blocks() -> None:
     assert _base_method("vpt-deep-ckpt3") == ("vpt-deep", 3)
     assert _base_method("vpt-deep-ckpt") == ("vpt-deep", 0)  # 0 = every block
     assert _base_method("linear-cached") == ("linear", 0) and _base_method("full") == ("full", 0)
+    assert _base_method("vpt-deep-whole") == ("vpt-deep", 0)
     with pytest.raises(ValueError, match="-ckpt<K>"):
         _base_method("vpt-deep-ckptx")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .data import TaskData
+from .data import TaskData, train_batches
 from .engine import (
     Splits,
     TrainConfig,
@@ -61,7 +61,7 @@ def fit_batched(
     stage = _Stage(stacked, point)
     order = first.data_seed if first.data_seed is not None else first.seed  # the sample order fit uses
     sampler = DistributedSampler(splits.train, num_replicas=1, rank=0, shuffle=True, seed=order)
-    loader = DataLoader(splits.train, first.batch_size, sampler=sampler)
+    loader = train_batches(splits.train, first.batch_size, sampler, device)
     total, warmup = first.epochs * len(loader), round(min(first.warmup_epochs, first.epochs) * len(loader))
     params = [p for p in stacked.parameters() if p.requires_grad]
     buffers: list[torch.Tensor | None] = [None] * len(params)

@@ -422,3 +422,50 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
     return (images_uint8.to(torch.float32) / 255 - mean_t) / std_t
+
+
+# --- training batches --------------------------------------------------------------------------------------------
+
+RESIDENT_LIMIT = 2 * 2**30  # a train split up to this many bytes is stacked once on the training device
+
+
+class ResidentBatches:
+    """A train split stacked once on the training device; each batch is one index lookup there.
+
+    No per-sample Python work, no collation, no host-to-device copy per step. Yields the same batches in the same
+    order as ``DataLoader(dataset, batch_size, sampler=sampler)`` (the sampler is read again at every epoch).
+    """
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler) -> None:
+        self.inputs, self.labels, self.batch_size, self.sampler = inputs, labels, batch_size, sampler
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.inputs.device)
+        for index in order.split(self.batch_size):
+            yield self.inputs[index], self.labels[index]
+
+
+def train_batches(dataset: Dataset, batch_size: int, sampler, device: torch.device):
+    """What a training loop iterates: :class:`ResidentBatches` when the split never changes from one access to the
+    next (no augmentation) and fits on the device (at most ``RESIDENT_LIMIT`` bytes; on CUDA, a quarter of the free
+    memory), else a ``DataLoader`` (pinned memory on CUDA)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fallback = DataLoader(dataset, batch_size, sampler=sampler, pin_memory=device.type == "cuda")
+    if getattr(dataset, "augments", False) or not len(dataset):
+        return fallback
+    first = dataset[0][0]
+    size = first.numel() * first.element_size() * len(dataset)
+    room = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else RESIDENT_LIMIT
+    if size > min(RESIDENT_LIMIT, room):
+        return fallback
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        inputs, labels = dataset.tensors
+    else:
+        samples = [dataset[index] for index in range(len(dataset))]
+        inputs = torch.stack([sample[0] for sample in samples])
+        labels = torch.tensor([int(sample[1]) for sample in samples], dtype=torch.long)
+    return ResidentBatches(inputs.to(device), labels.to(device), batch_size, sampler)

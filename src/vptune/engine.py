@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from tqdm.auto import tqdm
 
 from .config import option, to_dict
-from .data import SPLITS, TaskData, load_split, normalize, open_task
+from .data import SPLITS, TaskData, load_split, normalize, open_task, train_batches
 from .distributed import init_process_group, is_main, local_device, rank, world_size
 from .model import TaskModel
 
@@ -268,7 +268,7 @@ def fit(
     # the same order of samples for any number of processes: rank r of w takes every w-th of one permutation
     order = config.data_seed if config.data_seed is not None else config.seed
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank(), shuffle=True, seed=order)
-    loader = DataLoader(splits.train, config.batch_size // world, sampler=sampler, pin_memory=device.type == "cuda")
+    loader = train_batches(splits.train, config.batch_size // world, sampler, device)
     trained = DistributedDataParallel(model) if world > 1 else model
     trained = torch.compile(trained) if config.compile else trained
     total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
