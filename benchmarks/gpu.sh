@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the performance issue in one short run, on a CUDA machine with python3, torch and transformers:
 # the CUDA tests, then `python -m vptune.perf` on ViT-B/16 and on DINOv2 ViT-S/14 at 224x224, bf16, batch 128,
-# eager rows first, compiled rows after, then a profile of one VPT-Deep and one full step.
+# eager rows first, then the tests, compiled rows and a profile of a VPT-Deep step (most wanted first).
 # The backbones are random weights of the real architectures (ViTConfig() is ViT-B/16; the DINOv2 config is
 # dinov2-small's): a step's time, memory and FLOPs do not depend on the weights' values, and nothing is downloaded.
 #
@@ -32,19 +32,22 @@ print("random ViT-B/16 and DINOv2 ViT-S/14 saved under", sys.argv[1])
 EOF
 } 2>&1 | tee "$out/env.txt"
 
-timeout "${TEST_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backbones.py \
-  tests/test_prompts.py tests/test_perf.py 2>&1 | tail -40 | tee -a "$out/env.txt"
-
+stamp() { echo "== $(date +%T) $*" | tee -a "$out/env.txt"; }
 perf() {  # perf NAME TIMEOUT ARGS...: the table to NAME.md, the figures to NAME.json
   local name=$1 limit=$2
   shift 2
-  timeout "$limit" python3 -m vptune.perf --size 224 --batch 128 --precision bf16 --repeats 20 --warmup 5 \
+  stamp "perf $name"
+  timeout "$limit" python3 -m vptune.perf --size 224 --batch 128 --precision bf16 --repeats 10 --warmup 5 \
     --gemm-size 8192 "$@" "${extra[@]}" --json "$out/$name.json" 2>&1 | tail -30 | tee "$out/$name.md"
 }
-eager=vpt-deep,vpt-deep-ckpt3,vpt-shallow,linear,linear-cached,bias,adapter,lora,full
-perf vitb16 140 --backbone "hf:$models/vit-b16" --methods "$eager"
-perf dinov2s14 100 --backbone "hf:$models/dinov2-s14" --methods "$eager"
-perf vitb16-compiled 170 --backbone "hf:$models/vit-b16" --methods vpt-deep,vpt-deep-compiled,full,full-compiled
-timeout 45 python3 -m vptune.perf --backbone "hf:$models/vit-b16" --size 224 --batch 128 --precision bf16 \
-  --repeats 3 --warmup 3 --methods vpt-deep,full --profile "${extra[@]}" 2>&1 | tee "$out/profile.txt" >/dev/null
-echo "done: $(ls "$out")"
+eager=vpt-deep,vpt-deep-whole,vpt-deep-ckpt3,vpt-shallow,linear,linear-cached,bias,adapter,lora,full
+perf vitb16 120 --backbone "hf:$models/vit-b16" --methods "$eager"
+perf dinov2s14 90 --backbone "hf:$models/dinov2-s14" --methods "${eager/vpt-deep-ckpt3,/}"
+stamp tests
+timeout "${TEST_TIMEOUT:-50}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backbones.py \
+  tests/test_prompts.py 2>&1 | tail -25 | tee -a "$out/env.txt"
+perf vitb16-compiled 100 --backbone "hf:$models/vit-b16" --methods vpt-deep-compiled,full
+stamp profile
+timeout 25 python3 -m vptune.perf --backbone "hf:$models/vit-b16" --size 224 --batch 128 --precision bf16 \
+  --repeats 3 --warmup 3 --methods vpt-deep --profile "${extra[@]}" 2>&1 | tee "$out/profile.txt" >/dev/null
+stamp "done: $(ls "$out" | tr '\n' ' ')"

@@ -242,7 +242,11 @@ def data_fraction(args: argparse.Namespace, step_seconds: float, streamed: bool 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    rows = [_in_fresh_process(args, method) if args.fresh else measure_method(args, method) for method in args.methods]
+    rows = []
+    for method in args.methods:
+        rows.append(_in_fresh_process(args, method) if args.fresh else measure_method(args, method))
+        row = rows[-1]  # a line per row as it comes, so that a run cut short still tells what it measured
+        print(f"{method}: {row['step_seconds']:.4f} s/step, peak {_mib(row['peak_memory_bytes'])} MiB", file=sys.stderr)
     for row in rows:
         row["step_seconds_rounds"] = [row["step_seconds"]]
     for _ in range(args.rounds - 1):  # round-robin, so that a slow spell of the machine hits every row alike
