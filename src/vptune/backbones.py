@@ -148,22 +148,20 @@ class Backbone(nn.Module):
         self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None
     ) -> torch.Tensor:
         """``x + ls1(attn(norm1(x)))`` then ``+ ls2(mlp(norm2(.)))``, with queries from the kept tokens only."""
-        parts = {role: _part(block, paths) for role, paths in BLOCK_PATHS.items()}
+        parts = {role: block.get_submodule(path) for role, path in _block_paths(block).items()}
         heads = self.model.config.num_attention_heads
         normed = parts["norm1"](tokens)
+        sources = normed  # of keys and values; a batch-1 context is normalised once and broadcast
+        if context is not None:
+            extra = parts["norm1"](context).to(normed.dtype).expand(tokens.shape[0], -1, -1)
+            sources = torch.cat([normed, extra], dim=1)
 
         def split_heads(states: torch.Tensor) -> torch.Tensor:
             return states.unflatten(-1, (heads, -1)).transpose(1, 2)
 
-        def keys_values(role: str) -> torch.Tensor:
-            states = parts[role](normed)
-            if context is not None:  # a batch-1 context is projected once and broadcast
-                extra = parts[role](parts["norm1"](context)).to(states.dtype)
-                states = torch.cat([states, extra.expand(states.shape[0], -1, -1)], dim=1)
-            return split_heads(states)
-
         query = split_heads(parts["q"](drop_tokens(normed, skip) if skip is not None else normed))
-        attended = F.scaled_dot_product_attention(query, keys_values("k"), keys_values("v")).transpose(1, 2).flatten(2)
+        keys, values = split_heads(parts["k"](sources)), split_heads(parts["v"](sources))
+        attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
         kept = drop_tokens(tokens, skip) if skip is not None else tokens
         hidden = kept + _scaled(block, "layer_scale1", parts["o"](attended))
         return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
@@ -276,13 +274,20 @@ def _requires_mask(kind: type) -> bool:
     return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
-def _part(block: nn.Module, paths: Sequence[str]) -> nn.Module:
-    for path in paths:
-        try:
-            return block.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ValueError(f"{type(block).__name__} has none of {', '.join(paths)}: not the pre-norm layout expected")
+def _block_paths(block: nn.Module) -> dict[str, str]:
+    """Where a block's parts are, by role (``BLOCK_PATHS``); looked up once per block class."""
+    kind = type(block)
+    if kind not in _PATHS_BY_CLASS:
+        names = dict(block.named_modules())
+        found = {role: next((path for path in paths if path in names), None) for role, paths in BLOCK_PATHS.items()}
+        missing = [", ".join(BLOCK_PATHS[role]) for role, path in found.items() if path is None]
+        if missing:
+            raise ValueError(f"{kind.__name__} has none of {'; '.join(missing)}: not the pre-norm layout expected")
+        _PATHS_BY_CLASS[kind] = found
+    return _PATHS_BY_CLASS[kind]
+
+
+_PATHS_BY_CLASS: dict[type, dict[str, str]] = {}
 
 
 def _scaled(block: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:

@@ -174,8 +174,10 @@ def evaluate(
     device: str | torch.device = "auto",
     precision: str = "auto",
 ) -> dict:
-    """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (uint8 images, int labels)."""
+    """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (uint8 images, int labels); ``model`` is moved
+    to ``device``."""
     device = resolve_device(device) if isinstance(device, str) else device
+    model.to(device)
     return _evaluate(_Stage(model), dataset, batch_size, device, precision)
 
 

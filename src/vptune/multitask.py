@@ -84,7 +84,7 @@ class MultiTask(nn.Module):
             raise ValueError(f"task ids must be in 0..{len(self._names) - 1} ({', '.join(self._names)})")
         out: list[torch.Tensor | None] = [None] * ids.numel()
         for group in self.groups():
-            rows = torch.isin(ids, group.members).nonzero().flatten()
+            rows = torch.isin(ids, group.members.to(ids.device)).nonzero().flatten()
             if rows.numel():
                 for row, logits in zip(rows.tolist(), group(pixel_values[rows], ids[rows]), strict=True):
                     out[row] = logits
@@ -119,7 +119,6 @@ class _Group(nn.Module):
         self.heads = [task.head for task in tasks]
 
     def forward(self, pixel_values: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
-        self.members = self.members.to(ids.device)
         local = torch.tensor([self.local[int(i)] for i in ids.tolist()], device=ids.device)
         features = self.model.forward_features(pixel_values, local if self.stacked else None)
         logits: list[torch.Tensor | None] = [None] * len(local)
