@@ -494,3 +494,26 @@ def test_deep_prompts_enter_attention_without_joining_the_sequence(
     sequence = backbone.num_prefix_tokens + backbone.num_patches(IMAGE)
     expected = [(sequence, P)] * DEPTH if method == "vpt-deep" else [(sequence + P, None)] * DEPTH
     assert seen == expected
+
+
+def test_skipping_unread_outputs_dispatches_no_more_operators_than_whole_blocks(backbone: vptune.Backbone) -> None:
+    """Where a GPU waits on Python issuing kernels (small models), each operator costs time whatever its size: the
+    partial blocks and the prompts as keys and values must not issue more operators than whole blocks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model = make(backbone, "vpt-deep", num_tokens=P).eval()
+    x = pixels(backbone, 2)
+    counts = {}
+    for skip_unread in (False, True):
+        Count.calls = 0
+        with Count():
+            logits_and_gradients(model, x, skip_unread)
+        counts[skip_unread] = Count.calls
+    assert counts[True] <= counts[False]
