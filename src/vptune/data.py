@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm import tqdm
 
 SPLITS = ("train", "val", "trainval", "test")
@@ -436,24 +436,24 @@ class ResidentBatches:
     order as ``DataLoader(dataset, batch_size, sampler=sampler)`` (the sampler is read again at every epoch).
     """
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler) -> None:
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: Sampler[int]) -> None:
         self.inputs, self.labels, self.batch_size, self.sampler = inputs, labels, batch_size, sampler
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.inputs.device)
         for index in order.split(self.batch_size):
             yield self.inputs[index], self.labels[index]
 
 
-def train_batches(dataset: Dataset, batch_size: int, sampler, device: torch.device):
+def train_batches(
+    dataset: Dataset, batch_size: int, sampler: Sampler[int], device: torch.device
+) -> ResidentBatches | DataLoader:
     """What a training loop iterates: :class:`ResidentBatches` when the split never changes from one access to the
     next (no augmentation) and fits on the device (at most ``RESIDENT_LIMIT`` bytes; on CUDA, a quarter of the free
     memory), else a ``DataLoader`` (pinned memory on CUDA)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     fallback = DataLoader(dataset, batch_size, sampler=sampler, pin_memory=device.type == "cuda")
     if getattr(dataset, "augments", False) or not len(dataset):
         return fallback

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> floa
     return statistics.median(times)
 
 
-def training_step(args: argparse.Namespace, method: str):
+def training_step(args: argparse.Namespace, method: str) -> tuple[torch.nn.Module, Callable[[], None]]:
     """One row's model and a closure running one training step (forward, backward, optimiser) on a random batch."""
     import vptune
     from vptune.engine import TrainConfig, _autocast, make_optimizer
