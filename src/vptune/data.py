@@ -454,14 +454,8 @@ def train_batches(
     """What a training loop iterates: :class:`ResidentBatches` when the split never changes from one access to the
     next (no augmentation) and fits on the device (at most ``RESIDENT_LIMIT`` bytes; on CUDA, a quarter of the free
     memory), else a ``DataLoader`` (pinned memory on CUDA)."""
-    fallback = DataLoader(dataset, batch_size, sampler=sampler, pin_memory=device.type == "cuda")
-    if getattr(dataset, "augments", False) or not len(dataset):
-        return fallback
-    first = dataset[0][0]
-    size = first.numel() * first.element_size() * len(dataset)
-    room = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else RESIDENT_LIMIT
-    if size > min(RESIDENT_LIMIT, room):
-        return fallback
+    if getattr(dataset, "augments", False) or not len(dataset) or _stacked_bytes(dataset) > _room(device):
+        return DataLoader(dataset, batch_size, sampler=sampler, pin_memory=device.type == "cuda")
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         inputs, labels = dataset.tensors
     else:
@@ -469,3 +463,15 @@ def train_batches(
         inputs = torch.stack([sample[0] for sample in samples])
         labels = torch.tensor([int(sample[1]) for sample in samples], dtype=torch.long)
     return ResidentBatches(inputs.to(device), labels.to(device), batch_size, sampler)
+
+
+def _stacked_bytes(dataset: Dataset) -> int:
+    first = dataset[0][0]
+    return first.numel() * first.element_size() * len(dataset)
+
+
+def _room(device: torch.device) -> int:
+    """Bytes a stacked split may take on ``device``: ``RESIDENT_LIMIT``, and on CUDA a quarter of the free memory."""
+    if device.type == "cuda":
+        return min(RESIDENT_LIMIT, torch.cuda.mem_get_info(device)[0] // 4)
+    return RESIDENT_LIMIT
