@@ -6,8 +6,11 @@ import json
 import statistics
 
 import pytest
+import torch
+from conftest import DEPTH, WIDTH, tiny_backbone
 
-from vptune.perf import METHODS, _base_method, main
+import vptune
+from vptune.perf import METHODS, _base_method, main, saved_for_backward
 
 
 def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
@@ -32,6 +35,11 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     assert rows["vpt-deep"]["flops_per_image"] < rows["vpt-deep-whole"]["flops_per_image"]  # unread outputs skipped
     assert set(result["inference_images_per_s"]) == {"backbone", "vpt-deep"} and result["data_time_fraction"] > 0
     assert result["data_time_fraction_streamed"] > 0
+    # what each step keeps for its backward: counted for every eager row, not for the compiled one
+    saved = {name: row["saved_bytes"] for name, row in rows.items()}
+    assert saved.pop("vpt-deep-compiled") is None and "saved_vs_full" not in rows["vpt-deep-compiled"]
+    assert saved["vpt-deep-ckpt"] < saved["vpt-deep"] < min(saved["vpt-deep-whole"], saved["full"])
+    assert 0 < saved["linear"] < saved["vpt-deep"] and rows["full"]["saved_vs_full"] == 1.0
     printed = capsys.readouterr().out
     assert "| vpt-deep |" in printed and "median of 2 rounds" in printed
 
@@ -61,3 +69,25 @@ def test_profile_prints_each_rows_operators(saved_backbone, capsys) -> None:
     printed = capsys.readouterr().out
     assert "vpt-deep: 2 steps, operators by self CPU time" in printed and "linear-cached: 2 steps" in printed
     assert "aten::addmm" in printed or "aten::linear" in printed or "aten::mm" in printed
+
+
+TOKENS, PROMPTS, SIDE = 257, 10, 64  # 16x16 patches of 4 pixels and a class token
+
+
+@pytest.mark.parametrize(("family", "hidden"), [("vit", 2 * WIDTH), ("dinov2", 4 * WIDTH), ("clip", 2 * WIDTH)])
+def test_vpt_deep_keeps_only_what_frozen_blocks_need_for_the_input_gradient(family: str, hidden: int) -> None:
+    # Per token, a frozen pre-norm block keeps for the gradient of its input: both norms' inputs, the query, the
+    # attention output, the MLP activation's input (width ``hidden``), and keys and values over tokens and prompts;
+    # the first block's input needs no gradient; the last computes only the class token (all the head reads), so it
+    # keeps its first norm's input and the keys and values. Beyond that only per-token statistics (norms, softmax).
+    backbone = tiny_backbone(family)
+    prompt = vptune.PromptConfig(num_tokens=PROMPTS, dropout=0.0)
+    model = vptune.build("vpt-deep", backbone, 3, prompt, SIDE).train()
+    images = torch.randn(2, 3, SIDE, SIDE)
+    saved = saved_for_backward(model, lambda: model(images).sum().backward())
+    keys_values = 2 * WIDTH * (TOKENS + PROMPTS) / TOKENS
+    per_token = (DEPTH - 1) * (4 * WIDTH + keys_values + hidden) - WIDTH + (WIDTH + keys_values)  # fp32 values
+    expected = 4 * per_token * TOKENS * len(images)
+    assert expected < saved < 1.04 * expected
+    full = vptune.build("full", tiny_backbone(family), 3, None, SIDE).train()
+    assert saved < 0.75 * saved_for_backward(full, lambda: full(images).sum().backward())

@@ -8,10 +8,12 @@ steps; ``--rounds R`` times every method R times, round-robin, each time in a fr
 (a slow spell of a shared machine then hits every method alike; time vs full is the median of the rounds' ratios).
 Peak memory is that of one steady-state step after the timing (optimiser state exists), from the loaded model on;
 "step memory" is that peak minus what the loaded model and batch already held, i.e. what training adds
-(activations, gradients, optimiser state). CUDA: max allocated. CPU: peak RSS, measured in a second fresh process
-whose glibc returns freed tensors to the system (a fixed mmap threshold), so that it follows the live tensors; the
-timing process's peak RSS with glibc's defaults is reported beside it. The same run measures a large GEMM in the
-step's dtype; utilisation = the step's counted FLOPs per second / that GEMM's FLOPs per second.
+(activations, gradients, optimiser state). "Saved for backward" counts exactly the bytes the step's forward keeps
+for its backward (activations, and any cast copies of frozen weights), free of allocator noise. CUDA: max
+allocated. CPU: peak RSS, measured in a second fresh process whose glibc returns freed tensors to the system (a
+fixed mmap threshold), so that it follows the live tensors; the timing process's peak RSS with glibc's defaults is
+reported beside it. The same run measures a large GEMM in the step's dtype; utilisation = the step's counted FLOPs
+per second / that GEMM's FLOPs per second.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
     with FlopCounterMode(display=False) as counter:
         step(model)  # counted eagerly: a compiled step does the same arithmetic in fused kernels
     flops = counter.get_total_flops()
+    saved = None if method.endswith("-compiled") else saved_for_backward(model, step)  # compiled: inside its graph
     return {
         "method": method,
         "step_seconds": seconds,
@@ -125,8 +128,26 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
         "flops_per_image": flops / args.batch,
         "achieved_flops": flops / seconds,
         **memory,
+        "saved_bytes": saved,
         "memory_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS",
     }
+
+
+def saved_for_backward(model: torch.nn.Module, step: Callable[[], None]) -> int:
+    """Bytes that one training step's forward keeps for its backward: every distinct storage autograd saves, less
+    the model's own parameters and buffers (resident anyway). Exact and free of allocator noise, unlike peak RSS."""
+    resident = {tensor.untyped_storage().data_ptr() for tensor in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(saved.values())
 
 
 def profile(args: argparse.Namespace, method: str, rows: int = 20) -> str:
@@ -266,6 +287,8 @@ def run(args: argparse.Namespace) -> dict:
             row["memory_vs_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
             if full["step_memory_bytes"] > 0:
                 row["step_memory_vs_full"] = row["step_memory_bytes"] / full["step_memory_bytes"]
+            if row.get("saved_bytes") is not None and full.get("saved_bytes"):
+                row["saved_vs_full"] = row["saved_bytes"] / full["saved_bytes"]
     deep = next((row for row in rows if row["method"] == "vpt-deep"), rows[0])
     return {
         "backbone": args.backbone,
@@ -327,17 +350,18 @@ def markdown(result: dict) -> str:
         + _rounds_note(result.get("rounds", 1)),
         "",
         "| method | step (s) | images/s | GFLOP/image | utilisation | peak memory (MiB) | step memory (MiB) "
-        "| peak RSS, default malloc (MiB) | time vs full | peak vs full | step memory vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS, default malloc (MiB) | saved for backward (MiB) | time vs full | peak vs full "
+        "| step memory vs full | saved vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        keys = ("time_vs_full", "memory_vs_full", "step_memory_vs_full")
+        keys = ("time_vs_full", "memory_vs_full", "step_memory_vs_full", "saved_vs_full")
         versus = " | ".join(f"{row[key]:.2f}x" if key in row else "-" for key in keys)
         lines.append(
             f"| {row['method']} | {row['step_seconds']:.3f} | {row['images_per_s']:.1f} | "
             f"{row['flops_per_image'] / 1e9:.2f} | {100 * row['utilisation']:.0f}% | "
             f"{row['peak_memory_bytes'] / 2**20:.0f} | {row['step_memory_bytes'] / 2**20:.0f} | "
-            f"{_mib(row.get('peak_rss_default_malloc_bytes'))} | {versus} |"
+            f"{_mib(row.get('peak_rss_default_malloc_bytes'))} | {_mib(row.get('saved_bytes'))} | {versus} |"
         )
     rates = result["inference_images_per_s"]
     lines += [
