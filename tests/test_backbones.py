@@ -7,9 +7,10 @@ import torch
 from conftest import DEPTH, IMAGE, PATCH, PREFIX, WIDTH, pixels, tiny_backbone, tiny_hf_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.activations import QuickGELUActivation
 
 import vptune
-from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN, drop_tokens
+from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN, drop_tokens, quick_gelu
 from vptune.prompts import PromptConfig
 
 # (height, width): the native size, and sizes whose position embeddings the family must interpolate
@@ -223,3 +224,13 @@ def test_an_unknown_block_layout_runs_whole_and_drops_the_unread_outputs() -> No
     context = torch.randn(1, 2, WIDTH)  # keys and values only: inserted, run whole, outputs dropped
     expected = backbone.model.encoder.layer[0](torch.cat([tokens, context.expand(2, -1, -1)], dim=1))[:, :7]
     torch.testing.assert_close(backbone.run_block(0, tokens, (1, 3), context), drop_tokens(expected, (1, 3)))
+
+
+def test_quick_gelu_is_clips_activation_keeping_only_its_input() -> None:
+    states = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(quick_gelu(states), QuickGELUActivation()(states))
+    assert torch.autograd.gradcheck(quick_gelu, (states,))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        quick_gelu(states)
+    assert len(kept) == 1 and kept[0] is states

@@ -164,7 +164,7 @@ class Backbone(nn.Module):
         attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
         kept = drop_tokens(tokens, skip) if skip is not None else tokens
         hidden = kept + _scaled(block, "layer_scale1", parts["o"](attended))
-        return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
+        return hidden + _scaled(block, "layer_scale2", _mlp(block.mlp, parts["norm2"](hidden)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's own output: every token after the final norm, (B, prefix + #patches, d)."""
@@ -293,6 +293,32 @@ _PATHS_BY_CLASS: dict[type, dict[str, str]] = {}
 def _scaled(block: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
     scale = getattr(block, name, None)
     return states if scale is None else scale(states)
+
+
+def _mlp(mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """``mlp(states)``, CLIP's quick GELU through ``quick_gelu`` (half the activations kept for the backward)."""
+    if type(getattr(mlp, "activation_fn", None)).__name__ == "QuickGELUActivation":
+        return mlp.fc2(quick_gelu(mlp.fc1(states)))
+    return mlp(states)
+
+
+def quick_gelu(states: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)`` (CLIP's activation), keeping only ``x`` for the backward, where autograd keeps
+    ``x`` and the sigmoid: in a frozen block that input is the largest tensor kept."""
+    return _QuickGelu.apply(states)
+
+
+class _QuickGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(states)
+        return states * torch.sigmoid(1.702 * states)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (states,) = ctx.saved_tensors
+        gate = torch.sigmoid(1.702 * states)
+        return grad * gate * (1 + 1.702 * states * (1 - gate))
 
 
 def _find_linear(block: nn.Module, paths: Sequence[str], what: str) -> nn.Linear:
