@@ -91,3 +91,12 @@ def test_vpt_deep_keeps_only_what_frozen_blocks_need_for_the_input_gradient(fami
     assert expected < saved < 1.04 * expected
     full = vptune.build("full", tiny_backbone(family), 3, None, SIDE).train()
     assert saved < 0.75 * saved_for_backward(full, lambda: full(images).sum().backward())
+
+
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, saved_backbone) -> None:
+    out = tmp_path / "perf.json"
+    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "2", "--repeats", "1", "--warmup", "1"]
+    with pytest.raises(ValueError, match="no-such-method"):
+        main([*argv, "--no-fresh", "--methods", "vpt-deep,no-such-method", "--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["partial"] and [row["method"] for row in partial["rows"]] == ["vpt-deep"]

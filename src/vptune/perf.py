@@ -267,8 +267,14 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for method in args.methods:
         rows.append(_in_fresh_process(args, method) if args.fresh else measure_method(args, method))
-        row = rows[-1]  # a line per row as it comes, so that a run cut short still tells what it measured
-        print(f"{method}: {row['step_seconds']:.4f} s/step, peak {_mib(row['peak_memory_bytes'])} MiB", file=sys.stderr)
+        row = rows[-1]  # a line per row as it comes, and the rows so far in the JSON: a run cut short keeps them
+        print(
+            f"{method}: {row['step_seconds']:.4f} s/step, peak {_mib(row['peak_memory_bytes'])} MiB, "
+            f"saved for backward {_mib(row.get('saved_bytes'))} MiB",
+            file=sys.stderr,
+        )
+        if args.json:
+            _write_json(args.json, {"partial": True, "rows": rows})
     for row in rows:
         row["step_seconds_rounds"] = [row["step_seconds"]]
     for _ in range(args.rounds - 1):  # round-robin, so that a slow spell of the machine hits every row alike
@@ -418,9 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(markdown(result))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        _write_json(args.json, result)
     return 0
+
+
+def _write_json(path: str, result: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=2)
 
 
 if __name__ == "__main__":
