@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.activations import QuickGELUActivation
 
 import vptune
-from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN, drop_tokens, quick_gelu
+from vptune.backbones import CLIP_MEAN, IMAGENET_MEAN, QuickGelu, drop_tokens, quick_gelu
 from vptune.prompts import PromptConfig
 
 # (height, width): the native size, and sizes whose position embeddings the family must interpolate
@@ -234,3 +234,5 @@ def test_quick_gelu_is_clips_activation_keeping_only_its_input() -> None:
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         quick_gelu(states)
     assert len(kept) == 1 and kept[0] is states
+    # a wrapped CLIP model's MLPs run it (through their own forward, so that hooks on them still fire)
+    assert all(isinstance(block.mlp.activation_fn, QuickGelu) for block in tiny_backbone("clip").blocks)

@@ -164,7 +164,7 @@ class Backbone(nn.Module):
         attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
         kept = drop_tokens(tokens, skip) if skip is not None else tokens
         hidden = kept + _scaled(block, "layer_scale1", parts["o"](attended))
-        return hidden + _scaled(block, "layer_scale2", _mlp(block.mlp, parts["norm2"](hidden)))
+        return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's own output: every token after the final norm, (B, prefix + #patches, d)."""
@@ -295,17 +295,17 @@ def _scaled(block: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
     return states if scale is None else scale(states)
 
 
-def _mlp(mlp: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """``mlp(states)``, CLIP's quick GELU through ``quick_gelu`` (half the activations kept for the backward)."""
-    if type(getattr(mlp, "activation_fn", None)).__name__ == "QuickGELUActivation":
-        return mlp.fc2(quick_gelu(mlp.fc1(states)))
-    return mlp(states)
-
-
 def quick_gelu(states: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(1.702 x)`` (CLIP's activation), keeping only ``x`` for the backward, where autograd keeps
     ``x`` and the sigmoid: in a frozen block that input is the largest tensor kept."""
     return _QuickGelu.apply(states)
+
+
+class QuickGelu(nn.Module):
+    """CLIP's activation as a module: transformers' ``QuickGELUActivation``, keeping half as much for the backward."""
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return quick_gelu(states)
 
 
 class _QuickGelu(torch.autograd.Function):
@@ -381,9 +381,18 @@ class Dinov2Backbone(ViTBackbone):
 
 
 class ClipBackbone(Backbone):
-    """transformers ``CLIPVisionModel``: a pre-norm before block 1; the post-norm serves as the final norm."""
+    """transformers ``CLIPVisionModel``: a pre-norm before block 1; the post-norm serves as the final norm.
+
+    The MLPs' quick GELU becomes ``QuickGelu``: the same values, half the activations kept for the backward.
+    """
 
     family = "clip"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for block in self.blocks:
+            if type(block.mlp.activation_fn).__name__ == "QuickGELUActivation":
+                block.mlp.activation_fn = QuickGelu()
 
     @property
     def patch_embed(self) -> nn.Conv2d:
