@@ -6,7 +6,7 @@
 # dinov2-small's): a step's time, memory and FLOPs do not depend on the weights' values, and nothing is downloaded.
 #
 #   benchmarks/gpu.sh OUT_DIR                       # from the repository root
-#   PERF_ARGS="--device cpu --size 28 --batch 2" benchmarks/gpu.sh runs/dry   # a quick dry run of the script on a CPU
+#   PERF_ARGS="--device cpu --size 112 --batch 2" benchmarks/gpu.sh runs/dry  # a dry run on a CPU (patches 14 and 16)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
