@@ -142,7 +142,7 @@ class Backbone(nn.Module):
         if context is not None:
             tokens = torch.cat([tokens, context.expand(tokens.shape[0], -1, -1)], dim=1)
         outputs = _whole_block(block, tokens)[:, :length]
-        return drop_tokens(outputs, skip) if skip is not None else outputs
+        return drop_tokens(outputs, skip)
 
     def _pre_norm_block(
         self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None
@@ -159,11 +159,10 @@ class Backbone(nn.Module):
         def split_heads(states: torch.Tensor) -> torch.Tensor:
             return states.unflatten(-1, (heads, -1)).transpose(1, 2)
 
-        query = split_heads(parts["q"](drop_tokens(normed, skip) if skip is not None else normed))
+        query = split_heads(parts["q"](drop_tokens(normed, skip)))
         keys, values = split_heads(parts["k"](sources)), split_heads(parts["v"](sources))
         attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
-        kept = drop_tokens(tokens, skip) if skip is not None else tokens
-        hidden = kept + _scaled(block, "layer_scale1", parts["o"](attended))
+        hidden = drop_tokens(tokens, skip) + _scaled(block, "layer_scale1", parts["o"](attended))
         return hidden + _scaled(block, "layer_scale2", block.mlp(parts["norm2"](hidden)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -255,8 +254,10 @@ def split_range(tokens: torch.Tensor, start: int, stop: int) -> tuple[torch.Tens
     return tokens.split([start, stop - start, tokens.shape[1] - stop], dim=1)
 
 
-def drop_tokens(tokens: torch.Tensor, skip: tuple[int, int]) -> torch.Tensor:
-    """``tokens`` (B, T, d) without positions ``skip[0]..skip[1]-1``."""
+def drop_tokens(tokens: torch.Tensor, skip: tuple[int, int] | None) -> torch.Tensor:
+    """``tokens`` (B, T, d) without positions ``skip[0]..skip[1]-1`` (all of them where ``skip`` is None)."""
+    if skip is None:
+        return tokens
     before, _, after = split_range(tokens, *skip)
     return after if not before.shape[1] else before if not after.shape[1] else torch.cat([before, after], dim=1)
 
