@@ -6,7 +6,7 @@
 # dinov2-small's): a step's time, memory and FLOPs do not depend on the weights' values, and nothing is downloaded.
 #
 #   benchmarks/gpu.sh OUT_DIR                       # from the repository root
-#   PERF_ARGS="--device cpu --size 112 --batch 2" benchmarks/gpu.sh runs/dry  # a dry run on a CPU (patches 14 and 16)
+#   PERF_ARGS="--device cpu --image-size 112 --batch-size 2" benchmarks/gpu.sh runs/dry  # a dry run on a CPU (patches 14 and 16)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -37,7 +37,7 @@ perf() {  # perf NAME TIMEOUT ARGS...: the table to NAME.md, the figures to NAME
   local name=$1 limit=$2
   shift 2
   stamp "perf $name"
-  timeout "$limit" python3 -m vptune.perf --size 224 --batch 128 --precision bf16 --repeats 10 --warmup 5 \
+  timeout "$limit" python3 -m vptune.perf --image-size 224 --batch-size 128 --precision bf16 --repeats 10 --warmup 5 \
     --gemm-size 8192 "$@" "${extra[@]}" --json "$out/$name.json" 2>&1 | tail -30 | tee "$out/$name.md"
 }
 # rows in the order wanted (a row takes ~12 s on an H200, in its own process): the pair the targets compare first
@@ -49,6 +49,6 @@ timeout "${TEST_TIMEOUT:-50}" python3 -m pytest -q -p no:cacheprovider tests/tes
   tests/test_prompts.py 2>&1 | tail -25 | tee -a "$out/env.txt"
 perf vitb16-compiled 100 --backbone "hf:$models/vit-b16" --methods vpt-deep-compiled,full
 stamp profile
-timeout 25 python3 -m vptune.perf --backbone "hf:$models/vit-b16" --size 224 --batch 128 --precision bf16 \
+timeout 25 python3 -m vptune.perf --backbone "hf:$models/vit-b16" --image-size 224 --batch-size 128 --precision bf16 \
   --repeats 3 --warmup 3 --methods vpt-deep --profile "${extra[@]}" 2>&1 | tee "$out/profile.txt" >/dev/null
 stamp "done: $(ls "$out" | tr '\n' ' ')"

@@ -1,6 +1,6 @@
 """Serving T tasks from one backbone, measured side by side in one run.
 
-    python benchmarks/serving.py --tasks 16 --image-size 112 --batch 32
+    python benchmarks/serving.py --tasks 16 --image-size 112 --batch-size 32
 
 1. Bytes on disk and resident memory: one backbone + T task files versus T separately fine-tuned models.
 2. Throughput of a mixed-task batch (random tasks) versus a single-task batch of the same size.
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="dinov2-small")
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch-size", "--batch", dest="batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16, help="requests per client")

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import vptune
-from vptune.data import normalize
+from vptune.preprocessing import normalize
 
 # One thread: when another process holds a core, a thread pool makes tiny-model ops ~100x slower (and the real
 # DINOv2-S test ~10x slower).

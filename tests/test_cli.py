@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
 import vptune
 from vptune import load_backbone
 from vptune.bench import DEFAULT_METHODS
-from vptune.cli import main
+from vptune.cli import build_parser, main
+from vptune.perf import _parser as perf_parser
+from vptune.sweep import make_executor, plan_sweep
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -177,5 +181,86 @@ def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, saved_backbone,
     out = tmp_path / "run"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1]
-    model = vptune.load_task(out)
-    assert model.record["metrics"]["epoch"] == 1 and model.record["train_config"]["epochs"] == 3
+    vptune.load_task(out)
+    record = vptune.read_record(out)
+    assert record["metrics"]["epoch"] == 1 and record["train_config"]["epochs"] == 3
+
+
+def test_config_json_reruns_the_run_exactly(tmp_path, saved_backbone, tiny_task):
+    first = _train(tmp_path, saved_backbone, tiny_task, "--method", "vpt-deep", "--num-tokens", "2", "--seed", "3")
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again)]) == 0
+    resolved = json.loads((first / "config.json").read_text())
+    assert resolved["train"]["seed"] == 3 and resolved["image_size"] == 16 and resolved["prompt"]["deep"] is True
+    assert json.loads((again / "config.json").read_text()) == resolved
+    ours, theirs = load_file(first / "weights.safetensors"), load_file(again / "weights.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def every_action(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from every_action(child)
+        elif action.option_strings or action.dest not in ("command",):
+            yield parser.prog, action
+
+
+@pytest.mark.parametrize("parser", [build_parser(), perf_parser()], ids=["vptune", "perf"])
+def test_every_flag_has_a_help_line(parser: argparse.ArgumentParser):
+    missing = [f"{prog} {action.option_strings or action.dest}" for prog, action in every_action(parser)
+               if not action.help or action.help == argparse.SUPPRESS]  # fmt: skip
+    assert missing == []
+
+
+def test_one_vocabulary_with_the_old_spellings_kept(tmp_path):
+    parser = build_parser()
+    sweep = ["sweep", "--data", "x", "--method", "linear", "--out", "o"]
+    new = parser.parse_args([*sweep, "--base-lr", "0.5,0.1", "--weight-decay", "0"])
+    old = parser.parse_args([*sweep, "--lr", "0.5,0.1", "--wd", "0"])
+    assert (new.base_lr, new.weight_decay) == (old.base_lr, old.weight_decay) == ([0.5, 0.1], [0.0])
+    harness = perf_parser()
+    new, old = (
+        harness.parse_args(["--image-size", "28", "--batch-size", "4"]),
+        harness.parse_args(["--size", "28", "--batch", "4"]),
+    )
+    assert (new.image_size, new.batch_size) == (old.image_size, old.batch_size) == (28, 4)
+    train = parser.parse_args(["train", "--data", "x", "--image-size", "28", "--batch-size", "4", "--base-lr", "0.1"])
+    assert train.layer == {"data": "x", "image_size": 28, "train": {"batch_size": 4, "base_lr": 0.1}}
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--methods", "vpt-deep,no-such-method"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--optimizer", "adam"], "unknown optimizer 'adam'; choose one of auto, sgd, adamw"),
+        (["--precision", "fp16"], "unknown precision 'fp16'; choose one of auto, bf16, fp32"),
+        (["--cache", "on"], "unknown cache 'on'; choose one of auto, off"),
+        (["--val-split", "dev"], "unknown val_split 'dev'; choose one of train, val, trainval, test"),
+        (["--device", "gpu0"], "device must be auto, cpu, cuda"),
+        (["--location", "append"], "unknown location 'append'; choose one of prepend, add"),
+    ],
+)
+def test_bad_options_are_errors_naming_the_choices(tmp_path, saved_backbone, tiny_task, capsys, flags, message):
+    argv = ["train", "--data", str(tiny_task), "--backbone", saved_backbone, "--out", str(tmp_path), *flags]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "config.json").exists()  # refused before any work
+
+
+def test_configs_refuse_wrong_types_and_choices():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of auto, sgd, adamw"):
+        vptune.TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="epochs must be int"):
+        vptune.TrainConfig(epochs="3")
+    with pytest.raises(ValueError, match="num_tokens must be int"):
+        vptune.PromptConfig(num_tokens=[10])
+    with pytest.raises(ValueError, match="unknown method"):
+        vptune.RunSpec("eurosat", "vpt-deeep")
+    with pytest.raises(ValueError, match="unknown keys \\['lr'\\]"):
+        vptune.RunSpec.from_layers({"data": "eurosat", "lr": 0.1})
+    with pytest.raises(ValueError, match="unknown budget 'huge'; choose one of smoke, cpu, paper"):
+        plan_sweep("eurosat", "linear", "huge")
+    with pytest.raises(ValueError, match="unknown backend 'spark'"):
+        make_executor("spark")

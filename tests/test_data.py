@@ -13,21 +13,18 @@ from conftest import tiny_dataset
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from vptune import data
+from vptune import data, preprocessing
 from vptune.data import (
     SPLITS,
     DataError,
     ImageDataset,
-    Preprocess,
-    decode_image,
     detect_layout,
-    eval_view,
     load_split,
-    normalize,
     open_task,
     read_split,
     resolve_data,
 )
+from vptune.preprocessing import Preprocessing, normalize
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 real = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
@@ -199,7 +196,7 @@ def corrupt_split(root: Path, n: int, bad: int) -> list[tuple[Path, int]]:
 def test_corrupt_image_dropped_with_warning(tmp_path: Path) -> None:
     items = corrupt_split(tmp_path, 150, bad=1)
     with pytest.warns(UserWarning, match="000.jpg"):
-        ds = ImageDataset(items, Preprocess(4), num_workers=2)
+        ds = ImageDataset(items, Preprocessing(4))
     assert len(ds) == 149 and ds.labels == [label for _, label in items[1:]]
     assert ds[0][0].shape == (3, 4, 4)
 
@@ -207,26 +204,19 @@ def test_corrupt_image_dropped_with_warning(tmp_path: Path) -> None:
 def test_too_many_corrupt_images(tmp_path: Path) -> None:
     items = corrupt_split(tmp_path, 150, bad=2)
     with pytest.raises(DataError, match="2 of 150.*000.jpg.*001.jpg"):
-        ImageDataset(items, Preprocess(4))
-
-
-def test_corrupt_image_lazy_raises(tmp_path: Path) -> None:
-    ds = ImageDataset(corrupt_split(tmp_path, 3, bad=1), Preprocess(4), preload=False)
-    assert ds[1][0].shape == (3, 4, 4)
-    with pytest.raises(DataError, match="000.jpg"):
-        ds[0]
+        ImageDataset(items, Preprocessing(4))
 
 
 def test_vtab_shapes(tmp_path: Path) -> None:
-    ds = load_split(open_task(make_vtab(tmp_path)), "train", image_size=16)
-    assert ds.preprocess == Preprocess(16, "vtab") and len(ds) == 5
+    ds = load_split(open_task(make_vtab(tmp_path)), "train", 16)
+    assert ds.preprocessing == Preprocessing(16, protocol="vtab") and len(ds) == 5
     image, label = ds[0]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 0
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
 def test_non_rgb_becomes_three_channels(tmp_path: Path, mode: str) -> None:
-    stored = decode_image(save_image(tmp_path / "x.png", mode=mode), Preprocess(8))
+    stored = Preprocessing(8).decode(save_image(tmp_path / "x.png", mode=mode))
     assert stored.shape == (3, 8, 8) and stored.dtype == torch.uint8
     if mode == "L":
         assert torch.equal(stored[0], stored[1]) and torch.equal(stored[1], stored[2])
@@ -234,26 +224,26 @@ def test_non_rgb_becomes_three_channels(tmp_path: Path, mode: str) -> None:
 
 def test_fgvc_stored_form_is_shorter_side_resize_then_centre_square(tmp_path: Path) -> None:
     path = save_image(tmp_path / "x.png", size=(20, 30))
-    preprocess = Preprocess(16, "fgvc")
-    assert preprocess.stored_size == 18 and Preprocess(224, "fgvc").stored_size == 256
+    preprocess = Preprocessing(16, protocol="fgvc")
+    assert preprocess.stored_size == 18 and Preprocessing(224, protocol="fgvc").stored_size == 256
     expected = Image.open(path).resize((18, 27), Image.Resampling.BICUBIC).crop((0, 4, 18, 22))
-    assert torch.equal(decode_image(path, preprocess), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+    assert torch.equal(preprocess.decode(path), torch.from_numpy(np.array(expected)).permute(2, 0, 1))
 
 
 def fgvc_dataset(tmp_path: Path, train: bool, seed: int = 0) -> ImageDataset:
-    return load_split(open_task(make_fgvc(tmp_path)), "train", image_size=16, train=train, seed=seed)
+    return load_split(open_task(make_fgvc(tmp_path)), "train", 16, train=train, seed=seed)
 
 
 def test_fgvc_eval_is_centre_crop(tmp_path: Path) -> None:
     ds = fgvc_dataset(tmp_path, train=False)
-    stored = decode_image(ds.items[0][0], ds.preprocess)
-    assert ds.preprocess.protocol == "fgvc" and torch.equal(ds[0][0], stored[:, 1:17, 1:17])
-    assert torch.equal(ds[0][0], eval_view(stored, ds.preprocess)) and torch.equal(ds[0][0], ds[0][0])
+    stored = ds.preprocessing.decode(ds.items[0][0])
+    assert ds.preprocessing.protocol == "fgvc" and torch.equal(ds[0][0], stored[:, 1:17, 1:17])
+    assert torch.equal(ds[0][0], ds.preprocessing.eval_view(stored)) and torch.equal(ds[0][0], ds[0][0])
 
 
 def test_fgvc_train_crops_random_flipped_and_reproducible(tmp_path: Path) -> None:
     ds = fgvc_dataset(tmp_path, train=True, seed=3)
-    stored = decode_image(ds.items[0][0], ds.preprocess)
+    stored = ds.preprocessing.decode(ds.items[0][0])
     views = {
         (top, left, flip): view.flip(-1) if flip else view
         for top in range(3)
@@ -271,7 +261,7 @@ def test_fgvc_train_crops_random_flipped_and_reproducible(tmp_path: Path) -> Non
 
 
 def test_cache_does_not_touch_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ds = load_split(open_task(make_vtab(tmp_path)), "test", image_size=8)
+    ds = load_split(open_task(make_vtab(tmp_path)), "test", 8)
     before = [ds[i][0] for i in range(len(ds))]
     for path, _ in ds.items:
         path.unlink()
@@ -280,12 +270,12 @@ def test_cache_does_not_touch_files(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         raise AssertionError("image opened after preload")
 
     monkeypatch.setattr(PIL.Image, "open", refuse)
-    monkeypatch.setattr(data.Image, "open", refuse)
+    monkeypatch.setattr(preprocessing.Image, "open", refuse)
     assert all(torch.equal(ds[i][0], before[i]) for i in range(len(ds)))
 
 
 def test_getitem_returns_copies(tmp_path: Path) -> None:
-    ds = load_split(open_task(make_vtab(tmp_path)), "val", image_size=8)
+    ds = load_split(open_task(make_vtab(tmp_path)), "val", 8)
     ds[0][0].zero_()
     assert ds[0][0].any()
 
@@ -319,7 +309,7 @@ def test_real_flowers12() -> None:
 @pytest.mark.real
 @real
 def test_real_eurosat_val_loads() -> None:
-    ds = load_split(open_task("eurosat"), "val", image_size=32)
+    ds = load_split(open_task("eurosat"), "val", 32)
     assert len(ds) == 200 and ds[0][0].shape == (3, 32, 32) and set(ds.labels) <= set(range(10))
 
 
@@ -327,7 +317,7 @@ def test_only_fgvc_training_views_augment(tmp_path: Path) -> None:
     """What the cached frozen trunk relies on: a dataset that does not augment shows the same view every time."""
     assert fgvc_dataset(tmp_path / "a", train=True).augments
     assert not fgvc_dataset(tmp_path / "b", train=False).augments
-    vtab = load_split(open_task(make_vtab(tmp_path / "c")), "train", image_size=16, train=True)
+    vtab = load_split(open_task(make_vtab(tmp_path / "c")), "train", 16, train=True)
     assert not vtab.augments and torch.equal(vtab[0][0], vtab[0][0])
 
 

@@ -10,16 +10,17 @@ import torch
 from conftest import DEPTH, WIDTH, tiny_backbone
 
 import vptune
-from vptune.perf import METHODS, _base_method, main, saved_for_backward
+import vptune.perf
+from vptune.perf import _base_method, rows, main, saved_for_backward
 
 
 def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     out = tmp_path / "perf.json"
-    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "4", "--repeats", "1", "--warmup", "1"]
+    argv = ["--backbone", saved_backbone, "--image-size", "16", "--batch-size", "4", "--repeats", "1", "--warmup", "1"]
     assert main([*argv, "--no-fresh", "--rounds", "2", "--gemm-size", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {row["method"]: row for row in result["rows"]}
-    assert set(rows) == set(METHODS)
+    assert set(rows) == set(rows())
     for row in rows.values():
         assert row["step_seconds"] > 0 and row["flops_per_image"] > 0 and 0 < row["utilisation"]
         assert row["peak_memory_bytes"] >= row["step_memory_bytes"] >= 0 and "time_vs_full" in row
@@ -46,7 +47,7 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
 
 def test_each_method_can_run_in_its_own_process(tmp_path, saved_backbone, capsys) -> None:
     out = tmp_path / "perf.json"
-    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "4", "--repeats", "1", "--warmup", "1"]
+    argv = ["--backbone", saved_backbone, "--image-size", "16", "--batch-size", "4", "--repeats", "1", "--warmup", "1"]
     assert main([*argv, "--methods", "vpt-deep,full", "--gemm-size", "64", "--json", str(out)]) == 0
     assert "| full |" in capsys.readouterr().out
     for row in json.loads(out.read_text())["rows"]:  # CPU: memory from a second process with a strict allocator
@@ -64,7 +65,7 @@ def test_row_names_give_the_method_and_checkpointed_blocks() -> None:
 
 
 def test_profile_prints_each_rows_operators(saved_backbone, capsys) -> None:
-    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "2", "--repeats", "2", "--warmup", "1"]
+    argv = ["--backbone", saved_backbone, "--image-size", "16", "--batch-size", "2", "--repeats", "2", "--warmup", "1"]
     assert main([*argv, "--methods", "vpt-deep,linear-cached", "--profile"]) == 0
     printed = capsys.readouterr().out
     assert "vpt-deep: 2 steps, operators by self CPU time" in printed and "linear-cached: 2 steps" in printed
@@ -93,10 +94,18 @@ def test_vpt_deep_keeps_only_what_frozen_blocks_need_for_the_input_gradient(fami
     assert saved < 0.75 * saved_for_backward(full, lambda: full(images).sum().backward())
 
 
-def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, saved_backbone) -> None:
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, saved_backbone, monkeypatch) -> None:
     out = tmp_path / "perf.json"
-    argv = ["--backbone", saved_backbone, "--size", "16", "--batch", "2", "--repeats", "1", "--warmup", "1"]
-    with pytest.raises(ValueError, match="no-such-method"):
-        main([*argv, "--no-fresh", "--methods", "vpt-deep,no-such-method", "--json", str(out)])
+    argv = ["--backbone", saved_backbone, "--image-size", "16", "--batch-size", "2", "--repeats", "1", "--warmup", "1"]
+    measure = vptune.perf.measure_method
+
+    def cut_short(args, method):
+        if method == "full":
+            raise RuntimeError("out of memory in row full")
+        return measure(args, method)
+
+    monkeypatch.setattr(vptune.perf, "measure_method", cut_short)
+    with pytest.raises(RuntimeError, match="row full"):
+        main([*argv, "--no-fresh", "--methods", "vpt-deep,full", "--json", str(out)])
     partial = json.loads(out.read_text())
     assert partial["partial"] and [row["method"] for row in partial["rows"]] == ["vpt-deep"]

@@ -11,7 +11,8 @@ from torch.utils.data import Subset
 
 import vptune
 from vptune import PromptConfig, Splits, TrainConfig
-from vptune.data import load_split, normalize, open_task
+from vptune.data import load_split, open_task
+from vptune.preprocessing import normalize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS, EUROSAT = SHARED / "weights" / "dinov2-small-imgfocus", SHARED / "data" / "eurosat"

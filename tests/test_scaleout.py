@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vptune.sweep
+import vptune.sweep.executors
 from vptune.sweep import Budget, plan_sweep, run_sweep
 
 TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
@@ -64,6 +64,6 @@ def test_ray_backend_gives_the_local_results_and_resumes_locally(
     assert remote["grid"] == local["grid"] and remote["choice"] == local["choice"]
     assert remote["test_accuracy"] == pytest.approx(local["test_accuracy"], abs=1e-9)
     calls: list[str] = []
-    monkeypatch.setattr(vptune.sweep, "execute_run", lambda spec: calls.append(spec["id"]))
+    monkeypatch.setattr(vptune.sweep.executors, "execute", lambda entry: calls.append(entry["id"]))
     assert run_sweep(plan, tmp_path / "ray")["test_accuracy"] == remote["test_accuracy"]  # resumed with local
     assert calls == []

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from conftest import IMAGE, tiny_backbone
 from PIL import Image
 
 import vptune
-from vptune.data import Preprocess, decode_image, eval_view, normalize
+from vptune.cli import main
 from vptune.multitask import MultiTask
 
 httpx = pytest.importorskip("httpx")
@@ -32,10 +35,7 @@ def png(seed: int, size: int = 20) -> bytes:
 
 
 def expected(model: vptune.TaskModel, data: bytes) -> torch.Tensor:
-    preprocess = Preprocess(model.image_size, "vtab")
-    pixels = normalize(
-        eval_view(decode_image(io.BytesIO(data), preprocess), preprocess), model.backbone.mean, model.backbone.std
-    )
+    pixels = model.preprocessing(io.BytesIO(data))
     with torch.no_grad():
         return model(pixels.unsqueeze(0))[0].softmax(-1)
 
@@ -65,7 +65,13 @@ def tasks(tmp_path_factory) -> tuple[vptune.Backbone, dict[str, Path], dict[str,
 def server(tasks):
     backbone, folders, _ = tasks
     served = MultiTask(backbone, [folders["deep3"], folders["deep3b"], folders["shallow"]])
-    app = create_app(served, ServeConfig(max_batch=16, max_wait_ms=20, max_image_bytes=50_000))
+    with running(create_app(served, ServeConfig(max_batch=16, max_wait_ms=20, max_image_bytes=50_000))) as url:
+        yield url
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port, in a thread, until the context ends."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -77,9 +83,11 @@ def server(tasks):
         if instance.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_concurrent_clients_get_single_task_answers(server, tasks) -> None:
@@ -143,3 +151,24 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(server, tmp_path) -> 
         assert response.status_code == status, response.text
         assert words in response.json()["detail"]
     assert httpx.post(f"{server}/predict", files=image, data={"task": "shallow"}).status_code == 200
+
+
+def test_predict_and_serve_give_the_same_probabilities(tmp_path, saved_backbone, capsys) -> None:
+    """The command line and the HTTP server read the task file's preprocessing alike (a non-default mean and std)."""
+    backbone = vptune.load_backbone(saved_backbone)
+    prep = vptune.Preprocessing(IMAGE, mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3))
+    model = vptune.build("vpt-deep", backbone, 4, vptune.PromptConfig(num_tokens=2), preprocessing=prep, seed=1)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    folder = vptune.save_task(model, tmp_path / "task", classes=["a", "b", "c", "d"])
+    image = tmp_path / "image.png"
+    image.write_bytes(png(11, size=23))
+    assert main(["predict", str(folder), str(image), "--json", "--top-k", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)[0]["top"]
+    with running(create_app(MultiTask(backbone, [folder]), ServeConfig())) as url:
+        files = {"image": ("image.png", image.read_bytes(), "image/png")}
+        answer = httpx.post(f"{url}/predict", files=files, data={"task": "task", "top_k": "4"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"]["task"] == printed
+    own = expected(vptune.load_task(folder, backbone=backbone), image.read_bytes())
+    assert [entry["probability"] for entry in printed] == [round(float(p), 6) for p in own.sort(descending=True)[0]]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import vptune
-import vptune.sweep
+import vptune.sweep.executors
 from vptune.bench import bench_table, plan_bench, run_bench
 from vptune.cli import main
 from vptune.sweep import BUDGETS, Budget, choose, plan_sweep, run_sweep
@@ -19,7 +19,7 @@ TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, se
 
 def result(lr: float, wd: float, val: float | None) -> dict:
     setting = {"base_lr": lr, "weight_decay": wd, "num_tokens": None}
-    return {"spec": {"setting": setting}, "metrics": {"val_accuracy": val}}
+    return {"entry": {"setting": setting}, "metrics": {"val_accuracy": val}}
 
 
 def test_choice_is_best_val_and_ties_go_to_the_smaller_lr() -> None:
@@ -40,9 +40,9 @@ def test_budgets_and_grids() -> None:
     assert plan_sweep("eurosat", "full", "cpu").grid_runs() == []  # one setting: nothing to score
     tokens = plan_sweep("eurosat", "vpt-deep", "smoke", lrs=[0.1], wds=[0.0], num_tokens=[1, 10, 50])
     assert [s["num_tokens"] for s in tokens.settings] == [1, 10, 50]
-    assert {run["prompt"]["num_tokens"] for run in tokens.grid_runs()} == {1, 10, 50}
+    assert {entry["run"]["prompt"]["num_tokens"] for entry in tokens.grid_runs()} == {1, 10, 50}
     final = tokens.final_runs(tokens.settings[1])
-    assert final[0]["train"]["train_split"] == "trainval" and final[0]["train"]["test_split"] == "test"
+    assert final[0]["run"]["train"]["train_split"] == "trainval" and final[0]["run"]["train"]["test_split"] == "test"
     with pytest.raises(ValueError, match="has no prompts"):
         plan_sweep("eurosat", "linear", "smoke", num_tokens=[10])
     with pytest.raises(ValueError, match="seeds"):
@@ -61,15 +61,16 @@ def test_sweep_runs_chooses_retrains_and_resumes(tmp_path, saved_backbone, tiny_
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["choice"] == summary["choice"] and (out / "summary.md").read_text().startswith("# vpt-shallow")
     for run_id in summary["runs"]:
-        spec = json.loads((out / "runs" / f"{run_id}.json").read_text())["spec"]
-        assert spec["id"] == run_id
+        entry = json.loads((out / "runs" / f"{run_id}.json").read_text())["entry"]
+        assert entry["id"] == run_id
     final = [r for r in summary["runs"] if r.startswith("final")]
     model = vptune.load_task(out / "tasks" / final[0])  # final runs keep reloadable task folders
-    assert model.method == "vpt-shallow" and model.record["train_config"]["train_split"] == "trainval"
+    record = vptune.read_record(out / "tasks" / final[0])
+    assert model.method == "vpt-shallow" and record["train_config"]["train_split"] == "trainval"
 
     calls: list[str] = []
-    real = vptune.sweep.execute_run
-    monkeypatch.setattr(vptune.sweep, "execute_run", lambda spec: calls.append(spec["id"]) or real(spec))
+    real = vptune.sweep.executors.execute
+    monkeypatch.setattr(vptune.sweep.executors, "execute", lambda entry: calls.append(entry["id"]) or real(entry))
     assert run_sweep(plan, out)["test_accuracy"] == summary["test_accuracy"]
     assert calls == []  # everything was finished: nothing runs again
     (out / "runs" / f"{final[1]}.json").unlink()  # as if interrupted during the last run
@@ -79,16 +80,16 @@ def test_sweep_runs_chooses_retrains_and_resumes(tmp_path, saved_backbone, tiny_
 
 
 def test_diverged_grid_points_lose(tmp_path, saved_backbone, tiny_task, monkeypatch) -> None:
-    import vptune.engine
+    import vptune.runs
 
-    real_fit = vptune.engine.fit
+    real_fit = vptune.runs.fit
 
     def fit(model, data, config, *args, **kwargs):
         if config.base_lr == 1e9:
             raise vptune.TrainingDiverged("loss became nan at epoch 1, step 1")
         return real_fit(model, data, config, *args, **kwargs)
 
-    monkeypatch.setattr(vptune.engine, "fit", fit)
+    monkeypatch.setattr(vptune.runs, "fit", fit)
     plan = plan_sweep(str(tiny_task), "linear", TINY, saved_backbone, lrs=[1e9, 0.5], seeds=1)
     summary = run_sweep(plan, tmp_path)
     assert summary["choice"]["base_lr"] == 0.5
@@ -153,7 +154,7 @@ def test_sweep_command_writes_and_resumes(tmp_path, saved_backbone, tiny_task, c
 def test_batched_sweep_gives_the_unbatched_grid(tmp_path, saved_backbone, tiny_task) -> None:
     """--batched K: grid settings of one prompt length train together; same scores as one by one (no dropout)."""
     no_dropout = plan_sweep(str(tiny_task), "vpt-shallow", TINY, saved_backbone, lrs=[2.0, 1.0, 0.5], seeds=1)
-    assert no_dropout.grid_runs()[0]["prompt"]["dropout"] == 0.0
+    assert no_dropout.grid_runs()[0]["run"]["prompt"]["dropout"] == 0.0
     one = run_sweep(no_dropout, tmp_path / "one")
     three = run_sweep(no_dropout, tmp_path / "three", batched=3)
     for ours, theirs in zip(three["grid"], one["grid"], strict=True):

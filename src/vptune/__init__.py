@@ -7,37 +7,51 @@ Public API::
     vptune.fit(model, "eurosat", vptune.TrainConfig(epochs=10))
     vptune.save_task(model, "runs/eurosat")
     model = vptune.load_task("runs/eurosat")
+
+One training job from a spec (what ``vptune train`` runs)::
+
+    vptune.run(vptune.RunSpec("eurosat", "vpt-deep", image_size=112), out="runs/eurosat")
 """
 
-__version__ = "0.1.0"
-
-from .backbones import Backbone, load_backbone, wrap_model
+from ._version import __version__
+from .backbones import Backbone, load_backbone, register_family, wrap_model
+from .data import open_task
 from .engine import Splits, TrainConfig, TrainingDiverged, evaluate, fit
-from .methods import METHODS, MethodOptions, build, method_names, register
+from .methods import METHODS, BuildContext, Method, build, method_names, register
 from .model import TaskModel
 from .multitask import MultiTask
+from .preprocessing import Preprocessing
 from .prompts import PromptConfig
+from .runs import RunResult, RunSpec, run
 from .taskfile import TaskFileError, load_task, read_record, save_task
 
 __all__ = [
     "Backbone",
+    "BuildContext",
     "METHODS",
-    "MethodOptions",
+    "Method",
     "MultiTask",
+    "Preprocessing",
     "PromptConfig",
+    "RunResult",
+    "RunSpec",
     "Splits",
     "TaskFileError",
     "TaskModel",
     "TrainConfig",
     "TrainingDiverged",
+    "__version__",
     "build",
     "evaluate",
     "fit",
     "load_backbone",
     "load_task",
     "method_names",
+    "open_task",
     "read_record",
     "register",
+    "register_family",
+    "run",
     "save_task",
     "wrap_model",
 ]

@@ -15,25 +15,14 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from .data import TaskData, train_batches
-from .engine import (
-    Splits,
-    TrainConfig,
-    TrainingDiverged,
-    _autocast,
-    _Stage,
-    cache_dataset,
-    cache_point,
-    load_splits,
-    lr_at,
-    resolve_device,
-)
-from .model import Head, TaskModel
-from .prompts import Prompts
+from .data import TaskData
+from .engine import Splits, Stage, TrainConfig, Training, TrainingDiverged, autocast, lr_at, prepare, resolve_device
+from .methods import METHODS, get_method
+from .model import TaskModel
+from .stacking import stack, stackable, unstack
 
-BATCHABLE = ("vpt-shallow", "vpt-deep", "linear")
 SHARED_FIELDS = (
     "epochs", "warmup_epochs", "batch_size", "train_split", "val_split", "test_split", "precision", "cache", "device",
 )  # fmt: skip
@@ -51,53 +40,55 @@ def fit_batched(
     configs = [config.for_method(models[0].method) for config in configs]
     _check(models, configs)
     first = configs[0]
-    splits = data if isinstance(data, Splits) else load_splits(data, first, models[0].image_size)
-    device = resolve_device(first.device)
-    stacked = stack(models).to(device)
-    point = cache_point(stacked, splits.train, first)
-    if point:
-        cached = [cache_dataset(stacked, d, point, first, device) if d else None for d in (splits.val, splits.test)]
-        splits = Splits(cache_dataset(stacked, splits.train, point, first, device), *cached)
-    stage = _Stage(stacked, point)
-    order = first.data_seed if first.data_seed is not None else first.seed  # the sample order fit uses
-    sampler = DistributedSampler(splits.train, num_replicas=1, rank=0, shuffle=True, seed=order)
-    loader = train_batches(splits.train, first.batch_size, sampler, device)
-    total, warmup = first.epochs * len(loader), round(min(first.warmup_epochs, first.epochs) * len(loader))
+    stacked = stack(models)
+    training = prepare(stacked, data, first, resolve_device(first.device))
     params = [p for p in stacked.parameters() if p.requires_grad]
     buffers: list[torch.Tensor | None] = [None] * len(params)
     history: list[list[dict]] = [[] for _ in models]
     stacked.train()
     torch.manual_seed(first.seed)
     for epoch in range(1, first.epochs + 1):
-        sampler.set_epoch(epoch)
-        start, step = time.perf_counter(), (epoch - 1) * len(loader)
-        sums = torch.zeros(len(models), 2, dtype=torch.float64)
-        for inputs, labels in stage.batches(loader, device):
-            lrs = torch.tensor([lr_at(step, total, warmup, c.lr) for c in configs])
-            losses = _step(stage, inputs, labels, len(models), first, device, epoch, step)
-            sums[:, 0] += losses.detach().double() * labels.numel()
-            sums[:, 1] += labels.numel()
-            stacked_sgd_step(params, buffers, lrs, configs)
-            step += 1
-        seconds = time.perf_counter() - start
-        val = _accuracies(stage, splits.val, len(models), first, device) if splits.val is not None else None
-        for k, log in enumerate(history):
-            metrics = {"epoch": epoch, "train_loss": float(sums[k, 0] / sums[k, 1]), "lr": float(lrs[k])}
-            metrics.update({"seconds": round(seconds, 3), "cached_from": point, "batched": len(models)})
-            if val is not None:
-                metrics["val_accuracy"] = val[k]
+        for log, metrics in zip(history, _epoch(training, params, buffers, configs, epoch), strict=True):
             log.append(metrics)
-    if splits.test is not None:
-        for log, accuracy in zip(history, _accuracies(stage, splits.test, len(models), first, device), strict=True):
+    if training.splits.test is not None:
+        accuracies = _accuracies(training.stage, training.splits.test, len(models), first, training.device)
+        for log, accuracy in zip(history, accuracies, strict=True):
             log[-1]["test_accuracy"] = accuracy
     unstack(stacked, models)
     return [log[-1] for log in history]
 
 
-def _step(stage: _Stage, inputs, labels, k: int, config, device, epoch: int, step: int) -> torch.Tensor:
+def _epoch(training: Training, params, buffers, configs: list[TrainConfig], epoch: int) -> list[dict]:
+    """One epoch for every configuration; each one's metrics."""
+    first, k, device = configs[0], len(configs), training.device
+    training.sampler.set_epoch(epoch)
+    start, step = time.perf_counter(), (epoch - 1) * len(training.loader)
+    sums = torch.zeros(k, 2, dtype=torch.float64)
+    for inputs, labels in training.stage.batches(training.loader, device):
+        lrs = torch.tensor([lr_at(step, training.total, training.warmup, c.lr) for c in configs])
+        losses = _step(training.stage, inputs, labels, k, first, device, epoch, step)
+        sums[:, 0] += losses.detach().double() * labels.numel()
+        sums[:, 1] += labels.numel()
+        stacked_sgd_step(params, buffers, lrs, configs)
+        step += 1
+    seconds = time.perf_counter() - start
+    val = (
+        _accuracies(training.stage, training.splits.val, k, first, device) if training.splits.val is not None else None
+    )
+    epochs = []
+    for index in range(k):
+        metrics = {"epoch": epoch, "train_loss": float(sums[index, 0] / sums[index, 1]), "lr": float(lrs[index])}
+        metrics.update({"seconds": round(seconds, 3), "cached_from": training.stage.point, "batched": k})
+        if val is not None:
+            metrics["val_accuracy"] = val[index]
+        epochs.append(metrics)
+    return epochs
+
+
+def _step(stage: Stage, inputs, labels, k: int, config, device, epoch: int, step: int) -> torch.Tensor:
     batch = labels.numel()
     ids = torch.arange(k, device=device).repeat_interleave(batch)
-    with _autocast(device, config.precision):
+    with autocast(device, config.precision):
         logits = stage.model(inputs.repeat(k, *[1] * (inputs.dim() - 1)), ids, start=stage.point).float()
     losses = F.cross_entropy(logits, labels.repeat(k), reduction="none").view(k, batch).mean(dim=1)
     if not torch.isfinite(losses).all():
@@ -124,13 +115,13 @@ def stacked_sgd_step(
 
 
 @torch.no_grad()
-def _accuracies(stage: _Stage, dataset: Dataset, k: int, config: TrainConfig, device) -> list[float]:
+def _accuracies(stage: Stage, dataset: Dataset, k: int, config: TrainConfig, device) -> list[float]:
     was_training = stage.model.training
     stage.model.eval()
     correct, count = torch.zeros(k, dtype=torch.long), 0
     for inputs, labels in stage.batches(DataLoader(dataset, batch_size=config.eval_batch_size), device):
         ids = torch.arange(k, device=device).repeat_interleave(labels.numel())
-        with _autocast(device, config.precision):
+        with autocast(device, config.precision):
             logits = stage.model(inputs.repeat(k, *[1] * (inputs.dim() - 1)), ids, start=stage.point).float()
         hits = (logits.argmax(dim=1) == labels.repeat(k)).view(k, -1)
         correct += hits.sum(dim=1).cpu()
@@ -139,36 +130,13 @@ def _accuracies(stage: _Stage, dataset: Dataset, k: int, config: TrainConfig, de
     return [hits / max(1, count) for hits in correct.tolist()]
 
 
-def stack(models: list[TaskModel]) -> TaskModel:
-    """One model whose prompts and head hold the K models' tensors along the task dimension."""
-    first = models[0]
-    stacked = TaskModel(first.backbone, first.num_classes, first.prompt_config, first.image_size)
-    stacked.method = first.method
-    if first.prompts is not None:
-        stacked.prompts = Prompts(first.prompt_config, first.backbone, first.image_size, num_tasks=len(models))
-        stacked.prompts.embeddings = nn.Parameter(torch.cat([m.prompts.embeddings.detach() for m in models]))
-    stacked.head = Head(first.backbone.width, first.num_classes, num_tasks=len(models))
-    stacked.head.weight = nn.Parameter(torch.cat([m.head.weight.detach() for m in models]))
-    stacked.head.bias = nn.Parameter(torch.cat([m.head.bias.detach() for m in models]))
-    return stacked
-
-
-@torch.no_grad()
-def unstack(stacked: TaskModel, models: list[TaskModel]) -> None:
-    for k, model in enumerate(models):
-        if model.prompts is not None:
-            model.prompts.embeddings.copy_(stacked.prompts.embeddings[k : k + 1])
-        model.head.weight.copy_(stacked.head.weight[k : k + 1])
-        model.head.bias.copy_(stacked.head.bias[k : k + 1])
-
-
 def _check(models: list[TaskModel], configs: list[TrainConfig]) -> None:
     if not models or len(models) != len(configs):
         raise ValueError(f"give one config per model: {len(models)} models, {len(configs)} configs")
     first = models[0]
-    if first.method not in BATCHABLE:
-        raise ValueError(f"method {first.method!r} cannot be batched; batchable: {', '.join(BATCHABLE)}")
-    if first.prompt_config.project or first.prompt_config.location == "concat-channel":
+    if not get_method(first.method)[0].batchable:
+        raise ValueError(f"method {first.method!r} cannot be batched; batchable: {', '.join(batchable_methods())}")
+    if not stackable(first):
         raise ValueError("prompts with a projection or an input channel cannot be batched (per-config modules)")
     for model in models[1:]:
         same = (model.method, model.prompt_config, model.image_size, model.num_classes) == (
@@ -182,3 +150,8 @@ def _check(models: list[TaskModel], configs: list[TrainConfig]) -> None:
             raise ValueError(f"batched configs must share {name}; got {sorted(values, key=str)}")
     if any(config.optimizer != "sgd" for config in configs):
         raise ValueError("batched training implements SGD only; run AdamW configurations one by one")
+
+
+def batchable_methods() -> list[str]:
+    """The registered methods whose configurations train together."""
+    return [name for name, method in METHODS.items() if method.batchable]

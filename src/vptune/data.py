@@ -6,7 +6,8 @@ Layouts (``SPLITS`` maps to):
 * ``fgvc``: ``train.json`` / ``val.json`` / (both) / ``test.json``, each ``{"images/<file>": label}``.
 * ``imagefolder``: ``train/`` / ``val/`` / (``train/`` + ``val/``) / ``test/``, one sub-folder per class.
 
-Images are decoded once, resized to a stored square and kept as uint8; normalisation happens later, on the device.
+Images are decoded once by the model's :class:`~vptune.preprocessing.Preprocessing` and kept as uint8;
+normalisation happens later, on the device.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm import tqdm
 
+from .preprocessing import DataError, Preprocessing
+
 SPLITS = ("train", "val", "trainval", "test")
-PROTOCOLS = ("vtab", "fgvc")
 SPLIT_SOURCES = {
     "vtab": {
         "train": ("train800.txt",),
@@ -45,11 +45,7 @@ SPLIT_SOURCES = {
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this and the split is refused, not silently shrunk
 PROGRESS_MIN_IMAGES = 200
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """Bad or missing task data; the message names the file and how to fix it."""
+DECODE_THREADS = 2
 
 
 class _Pairs(list):
@@ -119,6 +115,11 @@ class TaskData:
     def num_classes(self) -> int:
         """Number of classes."""
         return len(self.classes)
+
+    @property
+    def protocol(self) -> str:
+        """The preprocessing protocol its layout implies: ``"fgvc"`` for the FGVC json layout, else ``"vtab"``."""
+        return "fgvc" if self.layout == "fgvc" else "vtab"
 
 
 def open_task(name_or_path: str | os.PathLike) -> TaskData:
@@ -236,100 +237,26 @@ def read_split(task: TaskData, split: str) -> list[tuple[Path, int]]:
     return items
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """How images become model input.
-
-    Attributes:
-        image_size: Side of the square model input.
-        protocol: ``"vtab"``: square resize, no augmentation. ``"fgvc"``: resize the shorter side to
-            ``round(image_size * 256 / 224)``, then random crop + horizontal flip (train) or centre crop (eval).
-    """
-
-    image_size: int
-    protocol: str = "vtab"
-
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise DataError(f"unknown preprocessing protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-        if self.image_size < 1:
-            raise DataError(f"image_size must be positive, got {self.image_size}")
-
-    @property
-    def stored_size(self) -> int:
-        """Side of the square the decoded image is cached at."""
-        return self.image_size if self.protocol == "vtab" else round(self.image_size * 256 / 224)
-
-
-def decode_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
-    """Decode an image into its stored form: uint8 ``(3, S, S)`` with ``S = preprocess.stored_size``.
-
-    Raises:
-        DataError: The file is missing or not a readable image.
-    """
-    size = preprocess.stored_size
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except _DECODE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {err}. Replace the file or remove it from the split") from err
-    if preprocess.protocol == "vtab":
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    else:
-        image = _resize_shorter_side(image, size)
-        left, top = round((image.width - size) / 2), round((image.height - size) / 2)
-        image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
-def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    if width <= height:
-        new_size = (size, int(size * height / width))  # int() as torchvision's Resize(int)
-    else:
-        new_size = (int(size * width / height), size)
-    return image.resize(new_size, Image.Resampling.BICUBIC)
-
-
-def eval_view(stored: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """Centre crop a stored image (or batch) to ``image_size``; identity when already that size."""
-    size, height, width = preprocess.image_size, stored.shape[-2], stored.shape[-1]
-    if height < size or width < size:
-        raise DataError(
-            f"stored image {height}x{width} is smaller than image_size {size}; decode it with this Preprocess"
-        )
-    top, left = round((height - size) / 2), round((width - size) / 2)
-    return stored[..., top : top + size, left : left + size]
-
-
 class ImageDataset(Dataset):
     """Images decoded once into a uint8 cache; yields ``(uint8 (3, image_size, image_size), label)``.
 
-    With ``preload`` every image is decoded up front; unreadable ones are warned about and dropped, and more than
-    ``MAX_BAD_FRACTION`` of them raises ``DataError``. Without it images are decoded on first access and an unreadable
-    one raises. Training views (fgvc protocol) draw from the dataset's own generator: use ``num_workers=0`` in a
-    DataLoader (the data is in memory anyway) so that the random crops and flips follow ``set_seed``.
+    Every image is decoded up front (threads); unreadable ones are warned about and dropped, and more than
+    ``MAX_BAD_FRACTION`` of them raises ``DataError``. Training views (FGVC protocol) draw from the dataset's own
+    generator: use ``num_workers=0`` in a DataLoader (the data is in memory anyway) so that the random crops and
+    flips follow ``set_seed``.
     """
 
     def __init__(
-        self,
-        items: list[tuple[Path, int]],
-        preprocess: Preprocess,
-        train: bool = False,
-        preload: bool = True,
-        seed: int = 0,
-        num_workers: int = 2,
+        self, items: list[tuple[Path, int]], preprocessing: Preprocessing, train: bool = False, seed: int = 0
     ) -> None:
         self.items = [(Path(path), int(label)) for path, label in items]
         self.labels = [label for _, label in self.items]
-        self.preprocess = preprocess
+        self.preprocessing = preprocessing
         self.train = train
-        self.num_workers = num_workers
         self.generator = torch.Generator()
         self.set_seed(seed)
-        self._stored: list[torch.Tensor | None] = [None] * len(self.items)
-        if preload:
-            self.preload(num_workers)
+        self._stored: list[torch.Tensor] = []
+        self._decode_all()
 
     def set_seed(self, seed: int) -> None:
         """Reseed the crops and flips of training views."""
@@ -340,47 +267,37 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         stored = self._stored[index]
-        if stored is None:
-            stored = self._stored[index] = decode_image(self.items[index][0], self.preprocess)
-        return self._view(stored), self.labels[index]
+        if self.train:
+            return self.preprocessing.train_view(stored, self.generator), self.labels[index]
+        return self.preprocessing.eval_view(stored).clone(), self.labels[index]
 
     @property
     def augments(self) -> bool:
-        """Whether an image's view changes from one access to the next (fgvc training views); else it can be cached."""
-        return self.train and self.preprocess.protocol == "fgvc"
+        """Whether an image's view changes from one access to the next (FGVC training views); else it can be cached."""
+        return self.train and self.preprocessing.augments
 
-    def _view(self, stored: torch.Tensor) -> torch.Tensor:
-        if not self.augments:
-            return eval_view(stored, self.preprocess).clone()
-        size, room = self.preprocess.image_size, stored.shape[-1] - self.preprocess.image_size
-        top, left = torch.randint(0, room + 1, (2,), generator=self.generator).tolist()
-        crop = stored[:, top : top + size, left : left + size]
-        flip = bool(torch.rand((), generator=self.generator) < 0.5)
-        return crop.flip(-1) if flip else crop.clone()
-
-    def preload(self, num_workers: int | None = None) -> None:
-        """Decode every image not cached yet (threads), dropping unreadable ones with a warning."""
-        todo = [i for i, stored in enumerate(self._stored) if stored is None]
-        if not todo:
-            return
-        workers = max(1, self.num_workers if num_workers is None else num_workers)
+    def _decode_all(self) -> None:
+        """Decode every image (threads), dropping unreadable ones with a warning."""
         bar = tqdm(
-            total=len(todo), desc="decoding images", unit="img", leave=False, disable=len(todo) <= PROGRESS_MIN_IMAGES
-        )
+            total=len(self.items), desc="decoding images", unit="img", leave=False,
+            disable=len(self.items) <= PROGRESS_MIN_IMAGES,
+        )  # fmt: skip
+        stored: list[torch.Tensor | None] = [None] * len(self.items)
         errors: dict[int, DataError] = {}
-        with bar, ThreadPool(workers) as pool:
-            for index, result in pool.imap(self._try_decode, todo, chunksize=8):
+        with bar, ThreadPool(DECODE_THREADS) as pool:
+            for index, result in pool.imap(self._try_decode, range(len(self.items)), chunksize=8):
                 if isinstance(result, DataError):
                     errors[index] = result
                 else:
-                    self._stored[index] = result
+                    stored[index] = result
                 bar.update()
+        self._stored = stored  # type: ignore[assignment]
         if errors:
             self._drop(errors)
 
     def _try_decode(self, index: int) -> tuple[int, torch.Tensor | DataError]:
         try:
-            return index, decode_image(self.items[index][0], self.preprocess)
+            return index, self.preprocessing.decode(self.items[index][0])
         except DataError as err:
             return index, err
 
@@ -400,28 +317,20 @@ class ImageDataset(Dataset):
 
 
 def load_split(
-    task: TaskData,
-    split: str,
-    image_size: int,
-    train: bool = False,
-    preload: bool = True,
-    seed: int = 0,
-    num_workers: int = 2,
+    task: TaskData, split: str, preprocessing: Preprocessing | int, train: bool = False, seed: int = 0
 ) -> ImageDataset:
-    """Read a split and wrap it in an ``ImageDataset`` with the task's protocol (fgvc layout -> fgvc protocol)."""
-    preprocess = Preprocess(image_size, "fgvc" if task.layout == "fgvc" else "vtab")
-    return ImageDataset(
-        read_split(task, split), preprocess, train=train, preload=preload, seed=seed, num_workers=num_workers
-    )
+    """Read a split into an :class:`ImageDataset`.
 
-
-def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Scale uint8 images ``(..., 3, H, W)`` to float32 ``(x / 255 - mean) / std`` on their own device."""
-    if len(mean) != images_uint8.shape[-3] or len(std) != images_uint8.shape[-3]:
-        raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {images_uint8.shape[-3]} channels")
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
-    return (images_uint8.to(torch.float32) / 255 - mean_t) / std_t
+    Args:
+        task: the task, from :func:`open_task`.
+        split: one of ``SPLITS``.
+        preprocessing: the model's :class:`Preprocessing`, or an input side (then the task's own protocol).
+        train: training views (random crops and flips under the FGVC protocol).
+        seed: seeds those random views.
+    """
+    if isinstance(preprocessing, int):
+        preprocessing = Preprocessing(preprocessing, protocol=task.protocol)
+    return ImageDataset(read_split(task, split), preprocessing, train=train, seed=seed)
 
 
 # --- training batches --------------------------------------------------------------------------------------------

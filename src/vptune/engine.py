@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from .config import option, to_dict
-from .data import SPLITS, TaskData, load_split, normalize, open_task, train_batches
+from .config import check_fields, option
+from .data import SPLITS, TaskData, load_split, open_task, train_batches
 from .distributed import init_process_group, is_main, local_device, rank, world_size
+from .methods import get_method
 from .model import TaskModel
+from .preprocessing import DataError, Preprocessing
 
 METRICS = "metrics.jsonl"
 
@@ -67,7 +69,7 @@ class TrainConfig:
     train_split: str = option("train", "split to train on (train, trainval)", choices=SPLITS)
     val_split: str | None = option("val", "split scored after every epoch; none to skip", choices=SPLITS)
     test_split: str | None = option("test", "split scored once at the end; none to skip", choices=SPLITS)
-    device: str = option("auto", "cpu, cuda, cuda:1 ... or auto")
+    device: str = option("auto", "cpu, cuda, cuda:1 ... or auto (CUDA when available)")
     precision: str = option(
         "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32")
     )
@@ -75,6 +77,7 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         checks = (
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
@@ -85,6 +88,8 @@ class TrainConfig:
                 self.checkpoint_blocks >= 0,
                 f"checkpoint_blocks must be >= 0 (0 = every block), got {self.checkpoint_blocks}",
             ),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (_is_device(self.device), f"device must be auto, cpu, cuda, cuda:<index> ..., got {self.device!r}"),
         )
         for ok, message in checks:
             if not ok:
@@ -99,12 +104,20 @@ class TrainConfig:
 
     def for_method(self, method: str) -> TrainConfig:
         """This config with ``base_lr=None`` and ``optimizer="auto"`` replaced by the method's defaults."""
-        from .methods import get_method
-
         spec = get_method(method)[0] if method != "custom" else None
         base_lr = self.base_lr if self.base_lr is not None else (spec.base_lr if spec else 0.1)
         optimizer = self.optimizer if self.optimizer != "auto" else (spec.optimizer if spec else "sgd")
         return dataclasses.replace(self, base_lr=base_lr, optimizer=optimizer)
+
+
+def _is_device(name: str) -> bool:
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,12 +141,22 @@ class Splits:
     test: Dataset | None = None
 
 
-def load_splits(data: str | os.PathLike | TaskData, config: TrainConfig, image_size: int) -> Splits:
-    """Open a task (name, folder or TaskData) and load the splits the config asks for."""
+def load_splits(
+    data: str | os.PathLike | TaskData, config: TrainConfig, preprocessing: Preprocessing | int
+) -> Splits:
+    """Open a task (name, folder or TaskData) and load the splits the config asks for, as a model with this
+    preprocessing sees them (an int: that input side, with the task's own protocol)."""
     task = data if isinstance(data, TaskData) else open_task(data)
-    train = load_split(task, config.train_split, image_size, train=True, seed=config.seed)
-    val = load_split(task, config.val_split, image_size) if config.val_split else None
-    test = load_split(task, config.test_split, image_size) if config.test_split else None
+    if isinstance(preprocessing, int):
+        preprocessing = Preprocessing(preprocessing, protocol=task.protocol)
+    if task.protocol != preprocessing.protocol:
+        raise DataError(
+            f"task {task.name} uses the {task.protocol} protocol ({task.layout} layout), the model was built for "
+            f"{preprocessing.protocol}: build it with protocol={task.protocol!r}"
+        )
+    train = load_split(task, config.train_split, preprocessing, train=True, seed=config.seed)
+    val = load_split(task, config.val_split, preprocessing) if config.val_split else None
+    test = load_split(task, config.test_split, preprocessing) if config.test_split else None
     return Splits(train, val, test)
 
 
@@ -142,23 +165,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where ``precision`` asks for it (``auto``: on CUDA), else a no-op context."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 @dataclass
-class _Stage:
+class Stage:
     """How batches reach the model: pixels (``point`` 0) or cached trunk outputs entering at ``point``."""
 
     model: TaskModel
     point: int = 0
 
     def batches(self, loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        mean, std = self.model.backbone.mean, self.model.backbone.std
+        """``(inputs, labels)`` on ``device``: pixels normalised as the model's preprocessing says."""
         for inputs, labels in loader:
             inputs = inputs.to(device, non_blocking=True)
-            inputs = normalize(inputs, mean, std) if self.point == 0 else inputs
+            inputs = self.model.preprocessing.normalize(inputs) if self.point == 0 else inputs
             yield inputs, labels.to(device, non_blocking=True)
 
     def logits(self, inputs: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
@@ -178,17 +202,17 @@ def evaluate(
     to ``device``."""
     device = resolve_device(device) if isinstance(device, str) else device
     model.to(device)
-    return _evaluate(_Stage(model), dataset, batch_size, device, precision)
+    return _evaluate(Stage(model), dataset, batch_size, device, precision)
 
 
 @torch.no_grad()
-def _evaluate(stage: _Stage, dataset: Dataset, batch_size: int, device: torch.device, precision: str) -> dict:
+def _evaluate(stage: Stage, dataset: Dataset, batch_size: int, device: torch.device, precision: str) -> dict:
     model = stage.model
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     for inputs, labels in stage.batches(DataLoader(dataset, batch_size=batch_size, shuffle=False), device):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = stage.logits(inputs).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -207,12 +231,12 @@ def cache_point(model: TaskModel, train: Dataset, config: TrainConfig) -> int:
 @torch.no_grad()
 def cache_dataset(model: TaskModel, dataset: Dataset, point: int, config: TrainConfig, device) -> TensorDataset:
     """Run every image once through the frozen stretch before ``point``; keep the outputs (on the CPU)."""
-    stage, outputs, labels = _Stage(model), [], []
+    stage, outputs, labels = Stage(model), [], []
     loader = DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False)
     model.eval()
     bar = tqdm(loader, desc="caching the frozen trunk", disable=not config.progress, leave=False)
     for images, targets in stage.batches(bar, device):
-        with _autocast(device, config.precision):
+        with autocast(device, config.precision):
             outputs.append(model.trunk(images, point).float().cpu())
         labels.append(targets.cpu())
     return TensorDataset(torch.cat(outputs), torch.cat(labels))
@@ -223,6 +247,47 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> tor
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+@dataclass
+class Training:
+    """What :func:`fit` and :func:`vptune.batched.fit_batched` set up alike: the data on its way to the model
+    (cached trunk outputs where they apply), the sample order and the schedule's length in steps."""
+
+    splits: Splits
+    stage: Stage
+    sampler: DistributedSampler
+    loader: Iterable
+    device: torch.device
+    total: int
+    warmup: int
+
+    def score(self, dataset: Dataset, config: TrainConfig) -> float:
+        """Accuracy on a split, through the same stage as training."""
+        return _evaluate(self.stage, dataset, config.eval_batch_size, self.device, config.precision)["accuracy"]
+
+
+def prepare(
+    model: TaskModel,
+    data: str | os.PathLike | TaskData | Splits,
+    config: TrainConfig,
+    device: torch.device,
+    world: int = 1,
+    rank: int = 0,
+) -> Training:
+    """Load the splits, move ``model`` to ``device``, cache its frozen trunk's outputs where that applies, and order
+    the samples: the same for any number of processes (rank r of ``world`` takes every w-th of one permutation)."""
+    splits = data if isinstance(data, Splits) else load_splits(data, config, model.preprocessing)
+    model.to(device)
+    point = cache_point(model, splits.train, config)
+    if point:
+        cached = [cache_dataset(model, d, point, config, device) if d else None for d in (splits.val, splits.test)]
+        splits = Splits(cache_dataset(model, splits.train, point, config, device), *cached)
+    order = config.data_seed if config.data_seed is not None else config.seed
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=order)
+    loader = train_batches(splits.train, config.batch_size // world, sampler, device)
+    total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
+    return Training(splits, Stage(model, point), sampler, loader, device, total, warmup)
 
 
 def fit(
@@ -251,63 +316,54 @@ def fit(
             written so far stay valid.
     """
     config = (config or TrainConfig()).for_method(model.method)
-    splits = data if isinstance(data, Splits) else load_splits(data, config, model.image_size)
     device = local_device(resolve_device(config.device))
     world = world_size() if init_process_group(device) else 1
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
-    model.to(device)
-    point = cache_point(model, splits.train, config)
-    if point:
-        cached = [cache_dataset(model, d, point, config, device) if d else None for d in (splits.val, splits.test)]
-        splits = Splits(cache_dataset(model, splits.train, point, config, device), *cached)
-    stage = _Stage(model, point)
+    training = prepare(model, data, config, device, world, rank())
     torch.manual_seed(config.seed)
     model.train()
-    model.checkpointing, model.checkpoint_blocks = config.checkpointing, config.checkpoint_blocks
-    model.record = {**model.record, "train_config": to_dict(config)}
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    # the same order of samples for any number of processes: rank r of w takes every w-th of one permutation
-    order = config.data_seed if config.data_seed is not None else config.seed
-    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank(), shuffle=True, seed=order)
-    loader = train_batches(splits.train, config.batch_size // world, sampler, device)
     trained = DistributedDataParallel(model) if world > 1 else model
     trained = torch.compile(trained) if config.compile else trained
-    total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
     log = _MetricsLog(out_dir if is_main() else None)
-
-    def score(dataset: Dataset) -> float:
-        return _evaluate(stage, dataset, config.eval_batch_size, device, config.precision)["accuracy"]
-
+    recompute = config.checkpoint_blocks or (model.backbone.depth if config.checkpointing else 0)
     metrics: dict = {}
-    for epoch in range(1, config.epochs + 1):
-        sampler.set_epoch(epoch)
-        start, step = time.perf_counter(), (epoch - 1) * len(loader)
-        train = _train_epoch(stage, trained, loader, optimizer, config, device, epoch, step, total, warmup)
-        metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3), "cached_from": point}
-        if splits.val is not None:
-            metrics["val_accuracy"] = score(splits.val)
-        log.write(metrics)
-        model.record["metrics"] = metrics
-        if on_epoch_end is not None and is_main():
-            on_epoch_end(metrics)
-    if splits.test is not None:
-        metrics["test_accuracy"] = score(splits.test)
+    with model.recomputing(recompute):
+        for epoch in range(1, config.epochs + 1):
+            metrics = _epoch(training, trained, optimizer, config, epoch)
+            log.write(metrics)
+            if on_epoch_end is not None and is_main():
+                on_epoch_end(metrics)
+    if training.splits.test is not None:
+        metrics["test_accuracy"] = training.score(training.splits.test, config)
         log.write({"final": True, **metrics})
     model.eval()
-    model.checkpointing, model.checkpoint_blocks = False, 0
     return metrics
 
 
-def _train_epoch(stage: _Stage, trained, loader, optimizer, config, device, epoch, step, total, warmup) -> dict:
+def _epoch(training: Training, trained, optimizer, config: TrainConfig, epoch: int) -> dict:
+    """One epoch of training, then the val score: the epoch's metrics."""
+    training.sampler.set_epoch(epoch)
+    start, step = time.perf_counter(), (epoch - 1) * len(training.loader)
+    train = _train_epoch(training, trained, optimizer, config, epoch, step)
+    metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3)}
+    metrics["cached_from"] = training.stage.point
+    if training.splits.val is not None:
+        metrics["val_accuracy"] = training.score(training.splits.val, config)
+    return metrics
+
+
+def _train_epoch(training: Training, trained, optimizer, config: TrainConfig, epoch: int, step: int) -> dict:
+    stage, device = training.stage, training.device
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     quiet = not config.progress or not is_main()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False)
+    bar = tqdm(training.loader, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False)
     for inputs, labels in stage.batches(bar, device):
-        lr = lr_at(step, total, warmup, config.lr)
+        lr = lr_at(step, training.total, training.warmup, config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with _autocast(device, config.precision):
+        with autocast(device, config.precision):
             logits = stage.logits(inputs, trained).float()
         loss = F.cross_entropy(logits, labels)
         if not torch.isfinite(loss):

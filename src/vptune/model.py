@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import Backbone, drop_tokens
+from .preprocessing import Preprocessing
 from .prompts import PromptConfig, Prompts
 
 
@@ -51,13 +54,21 @@ class TaskModel(nn.Module):
 
     The backbone is frozen and stays in eval mode; what trains is whatever the method left with
     ``requires_grad`` (prompts and head for VPT). ``task_ids`` (B,) selects each sample's prompts and head
-    when the prompts and head hold several tasks.
+    when the prompts and head hold several tasks. Built by :func:`vptune.build`; everything it records is given
+    to the constructor.
 
-    Attributes:
+    Args:
+        backbone: the frozen backbone (or a method's own copy of it).
+        num_classes: classes C (ignored when ``head`` is given).
+        prompt: the prompts' configuration (``num_tokens=0``: none).
+        preprocessing: how images become its input (an int: that input side, the backbone's normalisation).
         method: the registry name it was built with.
-        prompt_config: the prompts' configuration (``num_tokens=0`` when the method has none).
-        image_size: the input side it was built for.
-        options: method options beyond the prompt config (recorded in task files).
+        options: the method's options, as recorded in task files.
+        classes: class names, index = label (default ``"0"`` .. ``"C-1"``).
+        head: the classifier (default a linear :class:`Head`).
+        prompts: ready prompts (default: initialised from ``prompt``).
+        generator: draws the initial prompts and head.
+        skip_unread: compute no block outputs that nothing reads (False: every token of every block).
     """
 
     def __init__(
@@ -65,23 +76,51 @@ class TaskModel(nn.Module):
         backbone: Backbone,
         num_classes: int,
         prompt: PromptConfig,
-        image_size: int,
-        generator: torch.Generator | None = None,
+        preprocessing: Preprocessing | int,
+        *,
+        method: str = "custom",
         options: dict | None = None,
+        classes: list[str] | None = None,
+        head: nn.Module | None = None,
+        prompts: Prompts | None = None,
+        generator: torch.Generator | None = None,
+        skip_unread: bool = True,
     ):
         super().__init__()
+        if isinstance(preprocessing, int):
+            preprocessing = Preprocessing(preprocessing, backbone.mean, backbone.std)
         self.backbone = backbone
-        self.method = "custom"  # build() sets the registry name
+        self.method = method
         self.prompt_config = prompt
-        self.image_size = image_size
+        self.preprocessing = preprocessing
         self.options = dict(options or {})
-        self.prompts = Prompts(prompt, backbone, image_size, generator=generator) if prompt.enabled else None
-        self.head: nn.Module = Head(backbone.width, num_classes, generator=generator)
-        self.classes: list[str] | None = None
-        self.record: dict = {}
-        self.checkpointing = False  # recompute blocks in the backward pass instead of keeping their activations
-        self.checkpoint_blocks = 0  # K > 0: recompute only the first K blocks (0: every block when checkpointing)
-        self.skip_unread = True  # compute no block outputs that nothing reads (False: every token of every block)
+        if prompts is None and prompt.enabled:
+            prompts = Prompts(prompt, backbone, preprocessing.image_size, generator=generator)
+        self.prompts = prompts
+        self.head: nn.Module = head if head is not None else Head(backbone.width, num_classes, generator=generator)
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names given for a model with {self.num_classes} classes")
+        self.skip_unread = skip_unread
+        self._recompute = 0  # blocks recomputed in the backward pass (see recomputing)
+
+    @property
+    def image_size(self) -> int:
+        """The input side it was built for."""
+        return self.preprocessing.image_size
+
+    @contextmanager
+    def recomputing(self, blocks: int) -> Iterator[None]:
+        """Gradient checkpointing of the first ``blocks`` blocks (0: none) while the context lasts.
+
+        The first blocks are the ones to recompute: their recomputation runs late in the backward pass, when most
+        saved activations are already freed, so it does not add to the peak.
+        """
+        previous, self._recompute = self._recompute, blocks
+        try:
+            yield
+        finally:
+            self._recompute = previous
 
     @property
     def num_classes(self) -> int:
@@ -138,21 +177,14 @@ class TaskModel(nn.Module):
         unread = self._unread(index, hidden.shape[1] + config.num_tokens, config.num_tokens, layers)
         if unread is None or not unread[0] <= prefix < prefix + config.num_tokens <= unread[1]:
             return None
-        return self.prompts.tokens(index, task_ids, hidden.shape[0], self.backbone).to(hidden.dtype)
+        return self.prompts.tokens(index, task_ids, self.backbone).to(hidden.dtype)
 
     def _run_block(
         self, index: int, hidden: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self._recomputes(index) and torch.is_grad_enabled():
+        if index < self._recompute and torch.is_grad_enabled():
             return checkpoint(self.backbone.run_block, index, hidden, skip, context, use_reentrant=False)
         return self.backbone.run_block(index, hidden, skip, context)
-
-    def _recomputes(self, index: int) -> bool:
-        """Whether block ``index`` is checkpointed. The first blocks are: their recomputation runs late in the
-        backward pass, when most saved activations are already freed, so it does not add to the peak."""
-        if self.checkpoint_blocks:  # K blocks asked for: checkpointing is on for those
-            return index < self.checkpoint_blocks
-        return self.checkpointing
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0

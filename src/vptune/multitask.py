@@ -17,10 +17,11 @@ from torch import nn
 
 from .backbones import Backbone
 from .config import to_dict
+from .methods import METHODS, get_method
 from .model import TaskModel
-from .prompts import Prompts
-
-SERVABLE = ("vpt-shallow", "vpt-deep", "linear")
+from .preprocessing import Preprocessing
+from .stacking import stack, stackable
+from .taskfile import load_task
 
 
 class MultiTask(nn.Module):
@@ -51,12 +52,10 @@ class MultiTask(nn.Module):
 
     def add(self, task: TaskModel | str | os.PathLike, name: str | None = None) -> str:
         """Add a task (a loaded model or a task folder); returns its name (default: the folder's name)."""
-        from .taskfile import load_task
-
         if not isinstance(task, TaskModel):
             name = name or Path(task).name
             task = load_task(task, backbone=self.backbone)
-        name = name or (task.record.get("data") or {}).get("name") or f"task{len(self._names)}"
+        name = name or f"task{len(self._names)}"
         if name in self._names:
             raise ValueError(f"a task named {name!r} is already served: remove it first or pick another name")
         _check_servable(task, self.backbone, name)
@@ -67,12 +66,23 @@ class MultiTask(nn.Module):
 
     def remove(self, name: str) -> None:
         """Stop serving a task."""
-        if name not in self._names:
-            raise KeyError(f"no task named {name!r}; serving: {', '.join(self._names) or 'none'}")
-        index = self._names.index(name)
+        index = self._index(name)
         del self.models[index]
         del self._names[index]
         self._groups = None
+
+    def task(self, name: str) -> TaskModel:
+        """The served model of a task."""
+        return self.models[self._index(name)]
+
+    def _index(self, name: str) -> int:
+        if name not in self._names:
+            raise KeyError(f"no task named {name!r}; serving: {', '.join(self._names) or 'none'}")
+        return self._names.index(name)
+
+    def preprocessing(self, name: str) -> Preprocessing:
+        """How images become a task's input (its task file's preprocessing): use it before :meth:`forward`."""
+        return self.task(name).preprocessing
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, task_ids: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
@@ -106,16 +116,10 @@ class _Group(nn.Module):
 
     def __init__(self, backbone: Backbone, tasks: list[TaskModel], indices: list[int]):
         super().__init__()
-        first = tasks[0]
         self.members = torch.tensor(indices)
         self.local = {index: position for position, index in enumerate(indices)}
-        self.model = first if len(tasks) == 1 else TaskModel(backbone, 1, first.prompt_config, first.image_size)
-        self.stacked = len(tasks) > 1 and first.prompts is not None
-        if self.stacked:
-            self.model.prompts = Prompts(first.prompt_config, backbone, first.image_size, num_tasks=len(tasks))
-            stacked = torch.cat([task.prompts.embeddings.detach() for task in tasks])
-            self.model.prompts.embeddings = nn.Parameter(stacked, requires_grad=False)
-            self.model.prompts.eval()
+        self.model = tasks[0] if len(tasks) == 1 else stack(tasks, heads=False).requires_grad_(False).eval()
+        self.stacked = len(tasks) > 1 and tasks[0].prompts is not None
         self.heads = [task.head for task in tasks]
 
     def forward(self, pixel_values: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -133,19 +137,27 @@ class _Group(nn.Module):
 def _structure(task: TaskModel) -> str:
     """What must match for tasks to share one stacked prompt tensor."""
     prompt = {k: v for k, v in to_dict(task.prompt_config).items() if k != "dropout"}  # dropout is off when serving
-    if task.prompt_config.project or task.prompt_config.location == "concat-channel":
+    if not stackable(task):
         return f"own:{id(task)}"  # per-task projection / channel kernel: not stackable, a group of its own
     return repr((sorted(prompt.items()), task.image_size))
 
 
 def _check_servable(task: TaskModel, backbone: Backbone, name: str) -> None:
-    if task.method not in SERVABLE:
+    if not _servable(task.method):
+        servable = ", ".join(name for name, method in METHODS.items() if method.servable)
         raise ValueError(
             f"task {name!r} uses method {task.method!r}, which changes the backbone's weights or computation: "
-            f"one shared backbone can serve only {', '.join(SERVABLE)}; serve it with its own model"
+            f"one shared backbone can serve only {servable}; serve it with its own model"
         )
     ours, theirs = backbone.fingerprint(), task.backbone.fingerprint()
     if ours != theirs:
         raise ValueError(f"task {name!r} was built on backbone {theirs}, this one is {ours}: load it on this backbone")
     if task.prompts is not None and task.prompts.num_tasks != 1:
         raise ValueError(f"task {name!r} already holds {task.prompts.num_tasks} tasks: add single-task models")
+
+
+def _servable(method: str) -> bool:
+    try:
+        return get_method(method)[0].servable
+    except ValueError:  # built outside the registry
+        return False

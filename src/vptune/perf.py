@@ -1,6 +1,6 @@
 """Performance harness: training-step time, peak memory, FLOPs and utilisation per method, side by side in one run.
 
-    python -m vptune.perf --backbone dinov2-small --size 224 --batch 32 --json perf.json
+    python -m vptune.perf --backbone dinov2-small --image-size 224 --batch-size 32 --json perf.json
     python -m vptune.perf --methods vpt-deep,full --profile     # where each step's time goes, by operator
 
 Every method runs in a fresh process on the same random batch: warm-up steps, then the median of ``--repeats`` timed
@@ -30,22 +30,22 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-METHODS = (
-    "vpt-deep",
-    "vpt-deep-ckpt",
-    "vpt-deep-ckpt3",
-    "vpt-deep-compiled",
-    "vpt-deep-whole",
-    "vpt-shallow",
-    "linear",
-    "linear-cached",
-    "bias",
-    "adapter",
-    "lora",
-    "full",
-)
+from .backbones import load_backbone
+from .data import train_batches
+from .engine import TrainConfig, autocast, make_optimizer
+from .methods import METHODS, build, get_method
+from .preprocessing import normalize
+from .prompts import PromptConfig
+
+# Every method's rows (``Method.perf_rows``): the plain step, and variants named by suffix: ``-ckpt<K>`` gradient
+# checkpointing of the first K blocks (``-ckpt``: all), ``-compiled`` torch.compile, ``-whole`` whole blocks (no
+# skipping of unread outputs), ``-cached`` training on the cached frozen trunk.
+def rows() -> list[str]:
+    """Every registered method's rows."""
+    return [name + suffix for name, method in METHODS.items() for suffix in method.perf_rows]
 
 
 def _sync(device: torch.device) -> None:
@@ -68,21 +68,17 @@ def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> floa
 
 def training_step(args: argparse.Namespace, method: str) -> tuple[torch.nn.Module, Callable[[], None]]:
     """One row's model and a closure running one training step (forward, backward, optimiser) on a random batch."""
-    import vptune
-    from vptune.engine import TrainConfig, _autocast, make_optimizer
-
     device = torch.device(args.device)
-    backbone = vptune.load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone)
     name, blocks = _base_method(method)
-    prompt = vptune.PromptConfig(num_tokens=args.num_tokens, dropout=0.0) if name.startswith("vpt") else None
-    model = vptune.build(name, backbone, 10, prompt, args.size).to(device).train()
-    model.checkpointing = "-ckpt" in method  # gradient checkpointing: blocks recomputed in backward
-    model.checkpoint_blocks = blocks
+    prompt = PromptConfig(num_tokens=args.num_tokens, dropout=0.0) if get_method(name)[0].prompted else None
+    model = build(name, backbone, 10, prompt, args.image_size).to(device).train()
     model.skip_unread = not method.endswith("-whole")  # -whole: every output of every block computed (the A/B)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    labels = torch.randint(0, 10, (args.batch,), device=device)
+    recompute = (blocks or backbone.depth) if "-ckpt" in method else 0  # blocks recomputed in the backward pass
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)
     start_point = 0
-    if method == "linear-cached":  # what training on the cached frozen trunk costs per step
+    if method.endswith("-cached"):  # what training on the cached frozen trunk costs per step
         start_point = model.cache_point()
         x = model.trunk(x, start_point)
     optimizer = make_optimizer(
@@ -91,7 +87,7 @@ def training_step(args: argparse.Namespace, method: str) -> tuple[torch.nn.Modul
     runner = torch.compile(model) if method.endswith("-compiled") else model  # compiled in the warm-up steps
 
     def step(module: torch.nn.Module = runner) -> None:
-        with _autocast(device, args.precision):
+        with autocast(device, args.precision), model.recomputing(recompute):
             loss = F.cross_entropy(module(x, start=start_point).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,8 +120,8 @@ def measure_method(args: argparse.Namespace, method: str) -> dict:
     return {
         "method": method,
         "step_seconds": seconds,
-        "images_per_s": args.batch / seconds,
-        "flops_per_image": flops / args.batch,
+        "images_per_s": args.batch_size / seconds,
+        "flops_per_image": flops / args.batch_size,
         "achieved_flops": flops / seconds,
         **memory,
         "saved_bytes": saved,
@@ -223,36 +219,28 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int 
 @torch.no_grad()
 def inference_rate(args: argparse.Namespace) -> dict:
     """Images/s of the backbone alone and of a VPT-Deep model, in eval mode."""
-    import vptune
-    from vptune.engine import _autocast
-
     device = torch.device(args.device)
-    backbone = vptune.load_backbone(args.backbone).to(device)
-    prompt = vptune.PromptConfig(num_tokens=args.num_tokens)
-    deep = vptune.build("vpt-deep", backbone, 10, prompt, args.size).to(device).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    backbone = load_backbone(args.backbone).to(device)
+    deep = build("vpt-deep", backbone, 10, PromptConfig(num_tokens=args.num_tokens), args.image_size).to(device).eval()
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     rates = {}
     for name, fn in (("backbone", lambda: backbone(x)), ("vpt-deep", lambda: deep(x))):
-        with _autocast(device, args.precision):
-            rates[name] = args.batch / _median_seconds(fn, device, args.warmup, args.repeats)
+        with autocast(device, args.precision):
+            rates[name] = args.batch_size / _median_seconds(fn, device, args.warmup, args.repeats)
     return rates
 
 
 def data_fraction(args: argparse.Namespace, step_seconds: float, streamed: bool = False) -> float:
     """Time to draw and normalise one batch of cached uint8 images, as a fraction of a training step: as ``fit``
     draws them (stacked once on the device), or, with ``streamed``, through a DataLoader (pinned memory on CUDA)."""
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-    from vptune.data import normalize, train_batches
-
     device = torch.device(args.device)
-    images = torch.randint(0, 256, (args.batch * 4, 3, args.size, args.size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (args.batch_size * 4, 3, args.image_size, args.image_size), dtype=torch.uint8)
     dataset = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True)
     if streamed:
-        loader = DataLoader(dataset, args.batch, sampler=sampler, pin_memory=device.type == "cuda")
+        loader = DataLoader(dataset, args.batch_size, sampler=sampler, pin_memory=device.type == "cuda")
     else:
-        loader = train_batches(dataset, args.batch, sampler, device)
+        loader = train_batches(dataset, args.batch_size, sampler, device)
 
     def draw() -> None:
         for batch, _ in loader:
@@ -284,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
     full = next((row for row in rows if row["method"] == "full"), None)
     for row in rows:
         row["step_seconds"] = statistics.median(row["step_seconds_rounds"])
-        row["images_per_s"] = args.batch / row["step_seconds"]
+        row["images_per_s"] = args.batch_size / row["step_seconds"]
         row["achieved_flops"] = row["flops_per_image"] * row["images_per_s"]
         row["utilisation"] = row["achieved_flops"] / peak
         if full is not None:  # the median of the rounds' ratios: robust to drift between rounds
@@ -298,8 +286,8 @@ def run(args: argparse.Namespace) -> dict:
     deep = next((row for row in rows if row["method"] == "vpt-deep"), rows[0])
     return {
         "backbone": args.backbone,
-        "size": args.size,
-        "batch": args.batch,
+        "size": args.image_size,
+        "batch": args.batch_size,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": args.precision,
         "threads": torch.get_num_threads(),
@@ -343,7 +331,8 @@ def _child(args: argparse.Namespace, method: str, env: dict, *flags: str) -> dic
 
 
 def _forward_args(args: argparse.Namespace) -> list[str]:
-    pairs = {"--backbone": args.backbone, "--size": args.size, "--batch": args.batch, "--device": args.device}
+    pairs = {"--backbone": args.backbone, "--image-size": args.image_size, "--batch-size": args.batch_size}
+    pairs["--device"] = args.device
     pairs.update({"--precision": args.precision, "--num-tokens": args.num_tokens, "--repeats": args.repeats})
     pairs["--warmup"] = args.warmup
     return [str(item) for pair in pairs.items() for item in pair]
@@ -392,24 +381,35 @@ def _mib(count: int | None) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vptune.perf", description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="dinov2-small")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--num-tokens", type=int, default=10)
-    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="time every row this many times, round-robin")
-    parser.add_argument("--gemm-size", type=int, default=2048)
-    parser.add_argument("--no-fresh", dest="fresh", action="store_false", help="measure in this process")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="also write the result here")
-    parser.add_argument("--profile", action="store_true", help="print each row's costliest operators instead")
+    add = parser.add_argument
+    add("--backbone", default="dinov2-small", help="backbone spec (default: dinov2-small)")
+    add("--image-size", "--size", dest="image_size", type=int, default=224, help="square input side (default: 224)")
+    add("--batch-size", "--batch", dest="batch_size", type=int, default=32, help="images per step (default: 32)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda ... (default: cuda if any)")
+    add("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default: fp32)")
+    add("--num-tokens", type=int, default=10, help="prompt tokens of the VPT rows (default: 10)")
+    add("--methods", type=_rows, default=rows(), help=f"comma-separated rows (default: all: {', '.join(rows())})")
+    add("--repeats", type=int, default=5, help="timed steps per row; the median is reported (default: 5)")
+    add("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
+    add("--rounds", type=int, default=1, help="time every row this many times, round-robin (default: 1)")
+    add("--gemm-size", type=int, default=2048, help="side of the GEMM that gives the device's peak (default: 2048)")
+    add("--no-fresh", dest="fresh", action="store_false", help="measure every row in this process")
+    add("--one", metavar="ROW", help="internal: measure one row and print it as JSON (a fresh process)")
+    add("--memory-only", action="store_true", help="internal: with --one, peak memory only")
+    add("--time-only", action="store_true", help="internal: with --one, step time only")
+    add("--json", help="also write the result here")
+    add("--profile", action="store_true", help="print each row's costliest operators instead")
     return parser
+
+
+def _rows(text: str) -> list[str]:
+    rows = [row for row in text.split(",") if row]
+    for row in rows:
+        try:
+            get_method(_base_method(row)[0])
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"row {row!r}: {error}; rows are a method with a suffix") from error
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import Backbone, split_range
-from .config import option
+from .config import check_fields, option
 
 LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")
 READOUTS = ("cls", "image", "prompt", "all")
@@ -26,7 +26,7 @@ PIXEL_LOCATIONS = ("prepend-pixel", "concat-channel")
 class PromptConfig:
     """Where, how many and how prompts enter the frozen backbone (VPT.md, "Exact mechanism" and "Variants")."""
 
-    num_tokens: int = option(10, "prompt tokens p per prompted layer; 0 disables prompts", short="p")
+    num_tokens: int = option(10, "prompt tokens p per prompted layer; 0 disables prompts")
     deep: bool = option(
         False, "VPT-Deep: fresh prompts at every block, replacing the previous outputs (shallow: block 0 only)"
     )
@@ -42,18 +42,12 @@ class PromptConfig:
     drop_after: bool = option(False, "remove the prompt tokens after the last prompted layer")
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            self.layers = [int(layer) for layer in self.layers]
-        _check(isinstance(self.num_tokens, int) and self.num_tokens >= 0, "num_tokens must be an integer >= 0")
+        check_fields(self)
+        _check(self.num_tokens >= 0, "num_tokens must be an integer >= 0")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.project >= 0, f"project must be >= 0 (0 = off), got {self.project}")
-        for name, value, allowed in (
-            ("init", self.init, INITS),
-            ("location", self.location, LOCATIONS),
-            ("readout", self.readout, READOUTS),
-        ):
-            _check(value in allowed, f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.layers is not None:
+            self.layers = list(self.layers)
             _check(len(self.layers) > 0, "layers is empty: give at least one block index, or leave it unset")
             _check(len(set(self.layers)) == len(self.layers), f"layers has repeated blocks: {self.layers}")
             self.deep = self.deep or len(self.layers) > 1  # each listed block gets fresh prompts
@@ -103,7 +97,8 @@ class Prompts(nn.Module):
 
     ``embeddings`` has shape (T, S, n, k): T tasks, S prompt sets (1 when shared, else one per prompted
     layer), n tokens (p for prepend; every token for add; C*s*s pixels per patch for prepend-pixel; H*W for
-    concat-channel), k the stored width.
+    concat-channel), k the stored width. ``embeddings`` given: those values (T tasks' prompts, e.g. stacked from
+    several models), else T = ``num_tasks`` sets initialised as the paper does.
     """
 
     def __init__(
@@ -113,6 +108,7 @@ class Prompts(nn.Module):
         image_size: int,
         num_tasks: int = 1,
         generator: torch.Generator | None = None,
+        embeddings: torch.Tensor | None = None,
     ):
         super().__init__()
         self.config = config
@@ -121,6 +117,7 @@ class Prompts(nn.Module):
         self.num_prefix = backbone.num_prefix_tokens
         self.patch_size = backbone.patch_size
         sets = 1 if config.shared else len(self.layers)
+        num_tasks = num_tasks if embeddings is None else embeddings.shape[0]
         self.embeddings = nn.Parameter(torch.empty(num_tasks, sets, *self._shape(backbone)))
         self.proj = nn.Linear(config.project, backbone.width) if config.project else None
         self.dropout = nn.Dropout(config.dropout)
@@ -128,7 +125,11 @@ class Prompts(nn.Module):
         if config.location == "concat-channel":
             kernel = backbone.patch_embed.weight.detach().mean(dim=1, keepdim=True).flatten(1)
             self.channel_kernel = nn.Parameter(kernel.unsqueeze(0).repeat(num_tasks, 1, 1).clone())
-        self.reset_parameters(backbone, generator)
+        if embeddings is None:
+            self.reset_parameters(backbone, generator)
+        else:
+            with torch.no_grad():
+                self.embeddings.copy_(embeddings)
 
     def _shape(self, backbone: Backbone) -> tuple[int, int]:
         location, width = self.config.location, self.config.project or backbone.width
@@ -158,15 +159,15 @@ class Prompts(nn.Module):
     def num_tasks(self) -> int:
         return self.embeddings.shape[0]
 
-    def select(self, layer: int, task_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def select(self, layer: int, task_ids: torch.Tensor | None) -> torch.Tensor:
         """The prompt tokens for ``layer``: (B, n, k) per sample, or (1, n, k) broadcast when task_ids is None."""
         index = 0 if self.config.shared else self.layers.index(layer)
         stored = self.embeddings[:, index]
         return stored[:1] if task_ids is None else stored[task_ids]
 
-    def tokens(self, layer: int, task_ids: torch.Tensor | None, batch: int, backbone: Backbone) -> torch.Tensor:
+    def tokens(self, layer: int, task_ids: torch.Tensor | None, backbone: Backbone) -> torch.Tensor:
         """Prompt tokens at model width for ``layer``, projected and with dropout, shape (1 or B, n, d)."""
-        tokens = self.select(layer, task_ids, batch)
+        tokens = self.select(layer, task_ids)
         if self.config.location == "prepend-pixel":
             conv = backbone.patch_embed
             patches = tokens.reshape(-1, conv.in_channels, self.patch_size, self.patch_size)
@@ -180,7 +181,7 @@ class Prompts(nn.Module):
         if self.config.location != "concat-channel":
             return None
         self._check_size(pixel_values)
-        channel = self.select(0, task_ids, pixel_values.shape[0]).reshape(-1, 1, self.image_size, self.image_size)
+        channel = self.select(0, task_ids).reshape(-1, 1, self.image_size, self.image_size)
         kernel = self.channel_kernel if task_ids is None else self.channel_kernel[task_ids]
         patches = F.unfold(channel.to(pixel_values.dtype), self.patch_size, stride=self.patch_size)
         return torch.einsum("bkn,bdk->bnd", patches, kernel[: patches.shape[0]].to(patches.dtype))
@@ -204,7 +205,7 @@ class Prompts(nn.Module):
         """Insert (or replace, or add) this layer's prompts; return the new sequence and its prompt count."""
         if self.config.location == "concat-channel":
             return hidden, num_prompts
-        tokens = self.tokens(layer, task_ids, hidden.shape[0], backbone).to(hidden.dtype)
+        tokens = self.tokens(layer, task_ids, backbone).to(hidden.dtype)
         if self.config.location == "add":
             if tokens.shape[1] != hidden.shape[1]:
                 raise ValueError(

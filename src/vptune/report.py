@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .taskfile import RECORD, WEIGHTS
 
 
@@ -72,3 +74,12 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     lines += ["| " + " | ".join(str(row[key]) for key in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def top_classes(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:
+    """The ``top_k`` most probable classes: name, label and probability (rounded to 6 digits)."""
+    top = probs.topk(min(top_k, probs.numel()))
+    return [
+        {"class": classes[i], "label": int(i), "probability": round(float(p), 6)}
+        for p, i in zip(top.values, top.indices, strict=True)
+    ]

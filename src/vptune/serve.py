@@ -24,8 +24,11 @@ try:  # optional: pip install 'vptune[serve]'; FastAPI reads the handlers' annot
 except ImportError:  # pragma: no cover - checked in create_app
     FastAPI = None
 
-from .data import DataError, Preprocess, decode_image, eval_view, normalize
+from .backbones import load_backbone
 from .multitask import MultiTask
+from .preprocessing import DataError, Preprocessing
+from .report import top_classes
+from .taskfile import RECORD, read_record
 
 
 @dataclass
@@ -205,13 +208,16 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
         if len(data) > config.max_image_bytes:
             raise HTTPException(413, f"image larger than {config.max_image_bytes} bytes")
         top_k = _top_k(form.get("top_k"), config.top_k)
-        models = [served.models[served.names.index(name)] for name in names]
-        inputs = await asyncio.to_thread(lambda: [_prepare(data, model) for model in models])
+        models = [served.task(name) for name in names]
+        inputs = await asyncio.to_thread(_prepare, data, [model.preprocessing for model in models])
         try:
             logits = await asyncio.gather(*(batcher.predict(x, name) for x, name in zip(inputs, names, strict=True)))
         except KeyError as error:
             raise HTTPException(404, str(error.args[0])) from error
-        answers = {name: _top(values, model, top_k) for name, values, model in zip(names, logits, models, strict=True)}
+        answers = {
+            name: top_classes(values.float().softmax(dim=-1), model.classes, top_k)
+            for name, values, model in zip(names, logits, models, strict=True)
+        }
         batcher.stats.requests += 1
         batcher.stats.images += len(names)
         batcher.stats.latencies_ms.append(1000 * (time.perf_counter() - start))
@@ -250,39 +256,25 @@ def _top_k(value, default: int) -> int:
     return top_k
 
 
-def _prepare(data: bytes, model) -> torch.Tensor:
-    prep = model.record.get("preprocessing") or {"image_size": model.image_size, "protocol": "vtab"}
-    preprocess = Preprocess(prep["image_size"], prep.get("protocol", "vtab"))
-    stored = decode_image(io.BytesIO(data), preprocess)
-    return normalize(eval_view(stored, preprocess), model.backbone.mean, model.backbone.std)
-
-
-def _top(logits: torch.Tensor, model, top_k: int) -> list[dict]:
-    probs = logits.float().softmax(dim=-1)
-    top = probs.topk(min(top_k, probs.numel()))
-    classes = model.classes or [str(i) for i in range(probs.numel())]
-    return [
-        {"class": classes[i], "label": int(i), "probability": round(float(p), 6)}
-        for p, i in zip(top.values, top.indices, strict=True)
-    ]
+def _prepare(data: bytes, preprocessings: list[Preprocessing]) -> list[torch.Tensor]:
+    """The image as each task's input, decoded once per distinct preprocessing."""
+    inputs = {prep: prep(io.BytesIO(data)) for prep in dict.fromkeys(preprocessings)}
+    return [inputs[prep] for prep in preprocessings]
 
 
 def _describe(name: str, model) -> dict:
     return {
         "name": name,
         "method": model.method,
-        "classes": model.classes or [str(i) for i in range(model.num_classes)],
+        "classes": model.classes,
         "image_size": model.image_size,
         "prompt_tokens": model.prompt_config.num_tokens,
     }
 
 
-def serve(paths: list[str], backbone: str | None, host: str, port: int, config: ServeConfig) -> None:
+def serve_folders(paths: list[str], backbone: str | None, host: str, port: int, config: ServeConfig) -> None:
     """Load the task folders (or folders of task folders) on one backbone and serve them until interrupted."""
     import uvicorn
-
-    from .backbones import load_backbone
-    from .taskfile import RECORD, read_record
 
     folders = [
         p for path in map(Path, paths) for p in ([path] if (path / RECORD).is_file() else sorted(path.iterdir()))

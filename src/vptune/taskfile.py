@@ -10,12 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .config import from_dict, to_dict
 from .data import TaskData
 from .methods import build
 from .model import TaskModel
+from .preprocessing import Preprocessing
 from .prompts import PromptConfig
 
 RECORD = "vptune.json"
@@ -31,6 +32,7 @@ def save_task(
     model: TaskModel,
     path: str | os.PathLike,
     classes: list[str] | None = None,
+    *,
     train_config: dict | None = None,
     metrics: dict | None = None,
     data: TaskData | None = None,
@@ -42,14 +44,14 @@ def save_task(
     Args:
         model: a model from :func:`vptune.build` (trained or not).
         path: the folder (created if needed).
-        classes: class names, index = label; default ``model.classes`` or ``"0".."C-1"``.
-        train_config: the training configuration to record.
+        classes: class names, index = label; default ``model.classes``.
+        train_config: the training configuration to record (as a dict).
         metrics: final metrics to record (e.g. ``{"val_accuracy": ..., "test_accuracy": ...}``).
-        data: the task it was trained on (name, folder and layout are recorded; the layout sets the protocol).
+        data: the task it was trained on (its name, folder and layout are recorded).
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    classes = list(classes or model.classes or [str(i) for i in range(model.num_classes)])
+    classes = list(classes or model.classes)
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names given for a model with {model.num_classes} classes")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.trainable_state_dict().items()}
@@ -64,18 +66,15 @@ def save_task(
         "num_classes": model.num_classes,
         "classes": classes,
         "head": _head_record(model),
-        "preprocessing": _preprocessing(model, data),
-        "data": {"name": data.name, "path": str(data.root), "layout": data.layout}
-        if data
-        else model.record.get("data"),
+        "preprocessing": model.preprocessing.to_record(),
+        "data": {"name": data.name, "path": str(data.root), "layout": data.layout} if data else None,
         "backbone": backbone,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
         "trainable_parameters": sum(t.numel() for t in tensors.values()),
-        "train_config": train_config or model.record.get("train_config"),
-        "metrics": metrics or model.record.get("metrics") or {},
+        "train_config": train_config,
+        "metrics": metrics or {},
     }
     _atomic(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
-    model.classes, model.record = classes, record
     return folder
 
 
@@ -88,13 +87,6 @@ def _head_record(model: TaskModel) -> dict:
         "in_features": model.backbone.width,
         "out_features": model.num_classes,
     }
-
-
-def _preprocessing(model: TaskModel, data: TaskData | None) -> dict:
-    recorded = model.record.get("preprocessing", {}).get("protocol", "vtab")
-    protocol = ("fgvc" if data.layout == "fgvc" else "vtab") if data else recorded
-    mean, std = model.backbone.mean, model.backbone.std
-    return {"image_size": model.image_size, "protocol": protocol, "mean": mean, "std": std}
 
 
 def _metadata(model: TaskModel, backbone: dict) -> dict[str, str]:
@@ -147,11 +139,11 @@ def load_task(
         backbone,
         record["num_classes"],
         prompt=prompt,
-        image_size=record["preprocessing"]["image_size"],
+        classes=record["classes"],
+        preprocessing=Preprocessing.from_record(record["preprocessing"]),
         **record.get("options", {}),
     )
     model.load_state_dict(_read_tensors(Path(path), model), strict=False)
-    model.classes, model.record = record["classes"], record
     return model.to(device).eval()
 
 

@@ -9,7 +9,6 @@ the test holds the restructured code to them. Rerun it only for a deliberate cha
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path

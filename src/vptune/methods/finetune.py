@@ -1,0 +1,41 @@
+"""Baselines that train pretrained weights, each on its own copy of the backbone: ``full``, ``partial-<k>``,
+``bias`` (BitFit)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..backbones import Backbone
+from ..model import TaskModel
+from .registry import ADAMW_LR_GRID, BuildContext, register
+from .vpt import bias_backbone
+
+
+@register(
+    "full", "every backbone weight trains (AdamW)", optimizer="adamw", base_lr=0.0005, lr_grid=ADAMW_LR_GRID,
+    perf_rows=("",),
+)  # fmt: skip
+def _full(context: BuildContext) -> TaskModel:
+    # DINOv2's mask token serves masked pretraining only: no forward pass uses it, so it stays frozen
+    return context.model(backbone=context.backbone.own_copy(lambda name: not name.endswith("mask_token")))
+
+
+@register("partial-<k>", "the last k blocks and the final norm train")
+def _partial(context: BuildContext) -> TaskModel:
+    backbone, k = context.backbone, context.k
+    if k > backbone.depth:
+        raise ValueError(f"partial-{k}: the backbone has only {backbone.depth} blocks")
+    names = set().union(*(_names(backbone, backbone.blocks[i]) for i in range(backbone.depth - k, backbone.depth)))
+    names |= _names(backbone, backbone.norm)
+    return context.model(backbone=backbone.own_copy(names.__contains__))
+
+
+@register("bias", "only the backbone's bias terms (and the head) train (BitFit)", perf_rows=("",))
+def _bias(context: BuildContext) -> TaskModel:
+    return context.model(backbone=bias_backbone(context))
+
+
+def _names(backbone: Backbone, module: nn.Module) -> set[str]:
+    """``named_parameters()`` names (relative to ``backbone``) of ``module``'s parameters."""
+    ids = {id(p) for p in module.parameters()}
+    return {name for name, p in backbone.named_parameters() if id(p) in ids}

@@ -1,0 +1,48 @@
+"""Visual Prompt Tuning: VPT-Shallow, VPT-Deep, and VPT-Deep with the backbone's bias terms."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..model import TaskModel
+from ..prompts import PromptConfig
+from .registry import BuildContext, register
+
+# The released configs: prompt dropout 0.1 for deep prompts, none for shallow ones.
+DEEP_PROMPT = {"num_tokens": 10, "dropout": 0.1}
+SHALLOW_PROMPT = {"num_tokens": 10, "dropout": 0.0}
+VPT_DEMO = {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}
+
+
+def prompted_model(context: BuildContext, deep: bool, backbone=None) -> TaskModel:
+    """The asked (or default) prompts, shallow or deep, on ``backbone`` (default the shared one)."""
+    prompt = context.prompt or PromptConfig(**(DEEP_PROMPT if deep else SHALLOW_PROMPT))
+    if not deep and prompt.layers is not None and len(prompt.layers) > 1:
+        raise ValueError("vpt-shallow prompts one block: give at most one layer, or use vpt-deep")
+    return context.model(dataclasses.replace(prompt, deep=deep), backbone=backbone)
+
+
+@register(
+    "vpt-shallow", "prompts before the first block (VPT-Shallow)", prompt=SHALLOW_PROMPT, servable=True,
+    batchable=True, perf_rows=("",), demo=VPT_DEMO, demo_rank=1,
+)  # fmt: skip
+def _vpt_shallow(context: BuildContext) -> TaskModel:
+    return prompted_model(context, deep=False)
+
+
+@register(
+    "vpt-deep", "fresh prompts before every block (VPT-Deep)", prompt=DEEP_PROMPT, servable=True, batchable=True,
+    perf_rows=("", "-ckpt", "-ckpt3", "-compiled", "-whole"), demo=VPT_DEMO, demo_rank=2,
+)  # fmt: skip
+def _vpt_deep(context: BuildContext) -> TaskModel:
+    return prompted_model(context, deep=True)
+
+
+@register("vpt-deep+bias", "VPT-Deep prompts plus every bias term of the backbone", prompt=DEEP_PROMPT)
+def _vpt_deep_bias(context: BuildContext) -> TaskModel:
+    return prompted_model(context, deep=True, backbone=bias_backbone(context))
+
+
+def bias_backbone(context: BuildContext):
+    """A copy of the backbone whose bias terms train."""
+    return context.backbone.own_copy(lambda name: name.endswith(".bias"))

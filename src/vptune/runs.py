@@ -1,0 +1,197 @@
+"""One training job: a :class:`RunSpec` says what to train, :func:`run` trains it.
+
+``vptune train``, ``vptune demo`` and every run of a sweep go through here. A run folder's ``config.json`` is the
+run's spec, resolved (every default filled in), so ``vptune train --config <run>/config.json`` trains it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .backbones import Backbone, load_backbone
+from .batched import fit_batched
+from .config import check_fields, from_dict, to_dict
+from .data import TaskData, open_task
+from .distributed import is_main
+from .engine import TrainConfig, fit
+from .methods import build, get_method
+from .model import TaskModel
+from .prompts import PromptConfig
+from .taskfile import save_task
+
+CONFIG = "config.json"
+SECTIONS = {"prompt": PromptConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunSpec:
+    """What one run trains, on what, and how.
+
+    Attributes:
+        data: a task name (under ``$VPTUNE_DATA``) or a task folder.
+        method: a registered method (``vptune.method_names()``).
+        backbone: a backbone spec (``dinov2-small``, ``hf:<hub id>``, ``hf:<folder>``).
+        image_size: the square input side (None: the backbone's native size).
+        prompt: the prompt configuration (None: the method's defaults).
+        options: the method's options (e.g. ``{"reduction": 8}`` for ``adapter``).
+        train: the training configuration.
+    """
+
+    data: str
+    method: str = "vpt-deep"
+    backbone: str = "dinov2-small"
+    image_size: int | None = None
+    prompt: PromptConfig | None = None
+    options: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        get_method(self.method)  # an unknown method fails before any work
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"RunSpec: image_size must be >= 1, got {self.image_size}")
+
+    def to_dict(self) -> dict:
+        """As JSON: ``config.json`` of a run folder, a sweep's run."""
+        return {
+            "data": self.data,
+            "method": self.method,
+            "backbone": self.backbone,
+            "image_size": self.image_size,
+            "prompt": to_dict(self.prompt) if self.prompt is not None else None,
+            "options": dict(self.options),
+            "train": to_dict(self.train),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "run spec") -> RunSpec:
+        """From :meth:`to_dict`'s form, or any layers of it (see :meth:`from_layers`)."""
+        return cls.from_layers(data, where=where)
+
+    @classmethod
+    def from_layers(cls, *layers: dict, where: str = "run spec") -> RunSpec:
+        """Defaults < each layer in turn (e.g. a config file, then command-line flags).
+
+        A layer holds some of :meth:`to_dict`'s keys; ``prompt``, ``train`` and ``options`` merge key by key, and
+        the prompt starts from the method's defaults (the released configs).
+        """
+        merged: dict[str, Any] = {"prompt": {}, "train": {}, "options": {}}
+        for layer in layers:
+            unknown = sorted(set(layer) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"{where}: unknown keys {unknown}; the keys are {', '.join(cls.keys())}")
+            for key, value in layer.items():
+                merged[key] = {**merged[key], **(value or {})} if key in merged else value
+        if not merged.get("data"):
+            raise ValueError(f"{where}: no task given: name one with data (CLI: --data NAME, e.g. --data eurosat)")
+        method = get_method(merged.get("method", cls.method))[0]
+        prompt = {**(method.prompt or {"num_tokens": 0}), **merged["prompt"]}
+        merged["prompt"] = from_dict(PromptConfig, prompt, where=f"{where}: prompt")
+        merged["train"] = from_dict(TrainConfig, merged["train"], where=f"{where}: train")
+        return cls(**merged)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass
+class RunResult:
+    """What a run gives back: the trained model, its final metrics, and the spec with every default resolved."""
+
+    spec: RunSpec
+    model: TaskModel
+    task: TaskData
+    metrics: dict
+    seconds: float
+
+    def summary(self) -> dict:
+        """The run's figures as JSON (a sweep's ``runs/<id>.json``)."""
+        return {
+            "metrics": self.metrics,
+            "trainable_parameters": self.model.num_trainable(),
+            "backbone_parameters": self.model.backbone.num_parameters(),
+            "tuned_parameters": self.model.backbone.tuned_parameters,
+            "seconds": round(self.seconds, 2),
+            "library": __version__,
+            "resolved": self.spec.to_dict(),
+        }
+
+
+def run(
+    spec: RunSpec, out: str | os.PathLike | None = None, *, backbone: Backbone | None = None, every_epoch: bool = True
+) -> RunResult:
+    """Train one run; with ``out``, write its run folder.
+
+    The folder holds ``config.json`` (the resolved spec), ``metrics.jsonl`` (a line per epoch, a final line with the
+    test accuracy) and the task file (``vptune.json``, ``weights.safetensors``), written after every epoch with
+    ``every_epoch`` (an interrupted run keeps its last finished epoch), else once at the end.
+
+    Args:
+        spec: what to train.
+        out: the run folder, or None to write nothing.
+        backbone: the loaded backbone of ``spec.backbone`` (default: loaded, and kept for the next run).
+        every_epoch: save the task after every epoch, not only at the end.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    start = time.perf_counter()
+    task, model = _build(spec, backbone)
+    config = spec.train.for_method(model.method)
+    resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=model.prompt_config, train=config)
+    save = None
+    if out is not None and is_main():  # under torchrun only rank 0 writes
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG).write_text(json.dumps(resolved.to_dict(), indent=2) + "\n")
+
+        def save(metrics: dict) -> None:
+            save_task(model, folder, train_config=to_dict(config), metrics=metrics, data=task)
+
+    metrics = fit(model, task, config, out_dir=out, on_epoch_end=save if every_epoch else None)
+    if save is not None:
+        save(metrics)
+    return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
+
+
+def run_batched(specs: list[RunSpec]) -> list[RunResult]:
+    """Train runs that differ only in base lr, weight decay, momentum and seed in one pass (no folders written)."""
+    start = time.perf_counter()
+    built = [_build(spec) for spec in specs]
+    task, models = built[0][0], [model for _, model in built]
+    configs = [spec.train.for_method(spec.method) for spec in specs]
+    metrics = fit_batched(models, task, configs)
+    seconds = (time.perf_counter() - start) / len(specs)
+    return [
+        RunResult(dataclasses.replace(spec, image_size=model.image_size, train=config), model, task, m, seconds)
+        for spec, model, config, m in zip(specs, models, configs, metrics, strict=True)
+    ]
+
+
+def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, TaskModel]:
+    task = open_task(spec.data)
+    backbone = backbone or shared_backbone(spec.backbone)
+    model = build(
+        spec.method, backbone, task.num_classes, spec.prompt, spec.image_size, spec.train.seed,
+        classes=task.classes, protocol=task.protocol, **spec.options,
+    )  # fmt: skip
+    return task, model
+
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def shared_backbone(spec: str) -> Backbone:
+    """The backbone of ``spec``, loaded once and kept while the runs that follow use it (one in memory)."""
+    if spec not in _BACKBONES:
+        _BACKBONES.clear()
+        _BACKBONES[spec] = load_backbone(spec)
+    return _BACKBONES[spec]

@@ -1,0 +1,52 @@
+"""Several task models of one prompt structure as one: their prompts (and heads) stacked along the task dimension.
+
+Training K configurations in one pass (:mod:`vptune.batched`) and serving many tasks in one batch
+(:class:`vptune.MultiTask`) both run such a stacked model, choosing each sample's prompts and head by task index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import Head, TaskModel
+from .prompts import Prompts
+
+
+def stackable(model: TaskModel) -> bool:
+    """Whether a model's prompts can join a stack (a projection or an input channel is a per-model module)."""
+    config = model.prompt_config
+    return not config.project and config.location != "concat-channel"
+
+
+def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
+    """One model whose prompts (and, with ``heads``, head) hold the models' tensors, task k = ``models[k]``.
+
+    The models share backbone, prompt structure and input size (and, with ``heads``, their class count). Without
+    ``heads`` the stacked model's head is a placeholder: use its features and each model's own head.
+    """
+    first = models[0]
+    prompts = None
+    if first.prompts is not None:
+        embeddings = torch.cat([model.prompts.embeddings.detach() for model in models])
+        prompts = Prompts(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)
+    head = None
+    if heads:
+        head = Head(first.backbone.width, first.num_classes, num_tasks=len(models))
+        with torch.no_grad():
+            head.weight.copy_(torch.cat([model.head.weight.detach() for model in models]))
+            head.bias.copy_(torch.cat([model.head.bias.detach() for model in models]))
+    classes = first.num_classes if heads else 1
+    return TaskModel(
+        first.backbone, classes, first.prompt_config, first.preprocessing, method=first.method, prompts=prompts,
+        head=head,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def unstack(stacked: TaskModel, models: list[TaskModel]) -> None:
+    """Copy task k of a stacked model's prompts and head back into ``models[k]``."""
+    for k, model in enumerate(models):
+        if model.prompts is not None:
+            model.prompts.embeddings.copy_(stacked.prompts.embeddings[k : k + 1])
+        model.head.weight.copy_(stacked.head.weight[k : k + 1])
+        model.head.bias.copy_(stacked.head.bias[k : k + 1])

@@ -1,0 +1,89 @@
+"""Running (or resuming) a sweep: every run's result lands in ``<out>/runs/<id>.json`` as it finishes, and a rerun
+of the same sweep skips the runs already written for the same spec."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .executors import Executor, make_executor
+from .plan import SweepPlan
+from .selection import choose, summarise, summary_markdown
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "summary.md"
+
+
+def run_sweep(
+    plan: SweepPlan,
+    out: str | os.PathLike,
+    backend: str = "local",
+    ray_address: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+    batched: int = 1,
+) -> dict:
+    """Run (or resume) a sweep into ``out``; return what ``sweep.json`` holds.
+
+    Args:
+        plan: from :func:`plan_sweep`.
+        out: the sweep folder; ``runs/<id>.json`` per finished run, the final runs' task folders in
+            ``tasks/<id>/``, ``sweep.json`` and ``summary.md`` at the end.
+        backend: ``local`` (one run after another in this process) or ``ray`` (a Ray cluster).
+        ray_address: the Ray cluster to join; default a local Ray.
+        progress: called with each finished run's result (e.g. to update a progress bar).
+        batched: train up to this many grid settings of one prompt length together (local backend, SGD methods).
+    """
+    out = Path(out)
+    execute = make_executor(backend, ray_address, batched)
+    grid = _run_all(plan.grid_runs(), out, execute, progress)
+    choice = choose(grid) if grid else plan.settings[0]
+    finals = _run_all(plan.final_runs(choice), out, execute, progress)
+    result = summarise(plan, grid, choice, finals)
+    write_json(out / SWEEP_FILE, result)
+    (out / SUMMARY_FILE).write_text(summary_markdown(result))
+    return result
+
+
+def _run_all(entries: list[dict], out: Path, execute: Executor, progress) -> list[dict]:
+    done = {entry["id"]: _read_result(out, entry) for entry in entries}
+    todo = [entry for entry in entries if done[entry["id"]] is None]
+
+    def finished(entry: dict, result: dict) -> None:
+        write_json(out / "runs" / f"{entry['id']}.json", result)
+        done[entry["id"]] = result
+        if progress is not None:
+            progress(result)
+
+    for entry in entries:
+        if done[entry["id"]] is not None and progress is not None:
+            progress({**done[entry["id"]], "resumed": True})
+    if todo:
+        execute([{**entry, "save": _task_folder(out, entry)} for entry in todo], finished)
+    return [done[entry["id"]] for entry in entries]
+
+
+def _task_folder(out: Path, entry: dict) -> str | None:
+    """Final runs keep their run folder (reloadable with vptune.load_task); grid runs keep only their scores."""
+    return str(out / "tasks" / entry["id"]) if entry["stage"] == "final" else None
+
+
+def _read_result(out: Path, entry: dict) -> dict | None:
+    """A finished run's result, if it was written for this very entry (a changed spec runs again)."""
+    path = out / "runs" / f"{entry['id']}.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write from an interrupted run: run it again
+    return result if result.get("entry") == entry else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

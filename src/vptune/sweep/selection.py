@@ -1,0 +1,79 @@
+"""Choosing the grid's best setting, and the sweep's summary (JSON and markdown)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..config import to_dict
+from .plan import SweepPlan
+
+
+def choose(grid: list[dict]) -> dict:
+    """The setting with the best val accuracy; ties go to the smaller lr (then wd, then prompt length)."""
+    ordered = sorted(grid, key=lambda r: _tie_key(r["entry"]["setting"]))
+    best = max(ordered, key=lambda r: _score(r, "val_accuracy"))  # max keeps the first of equals
+    return best["entry"]["setting"]
+
+
+def _score(result: dict, key: str) -> float:
+    value = result["metrics"].get(key)
+    return -1.0 if value is None else value  # a diverged run loses to any that finished
+
+
+def _tie_key(setting: dict) -> tuple:
+    return (setting["base_lr"], setting["weight_decay"], setting["num_tokens"] or 0)
+
+
+def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict]) -> dict:
+    """What ``sweep.json`` holds: the grid's scores, the choice, and the final runs' test accuracy over seeds."""
+    tests = [r["metrics"]["test_accuracy"] for r in finals if r["metrics"].get("test_accuracy") is not None]
+    if not tests:
+        raise RuntimeError(f"every final run of {plan.method} on {plan.data} diverged: lower the lr grid")
+    first = next(r for r in finals if r["metrics"].get("test_accuracy") is not None)
+    return {
+        "data": plan.data,
+        "method": plan.method,
+        "backbone": plan.backbone,
+        "budget": to_dict(plan.budget),
+        "grid": [{"setting": r["entry"]["setting"], "val_accuracy": r["metrics"].get("val_accuracy")} for r in grid],
+        "choice": choice,
+        "chosen_by": "val200 accuracy at the last epoch" if grid else "single setting: no grid to score",
+        "seeds": len(finals),
+        "diverged_seeds": len(finals) - len(tests),
+        "test_accuracy": tests,
+        "test_mean": statistics.fmean(tests),
+        "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+        "trainable_parameters": first["trainable_parameters"],
+        "backbone_parameters": first["backbone_parameters"],
+        "tuned_parameters": first["tuned_parameters"],
+        "seconds": round(sum(r.get("seconds", 0.0) for r in grid + finals), 1),
+        "runs": [r["entry"]["id"] for r in grid + finals],
+        "library": first["library"],
+    }
+
+
+def summary_markdown(result: dict) -> str:
+    """``summary.md``: the grid as a table, the choice and the test accuracy over seeds."""
+    lines = [
+        f"# {result['method']} on {Path(result['data']).name}",
+        "",
+        f"Budget `{result['budget']['name']}`: {result['budget']['note']}.",
+        "",
+        "| base lr | weight decay | prompt length | val accuracy |",
+        "|---|---|---|---|",
+    ]
+    for row in result["grid"]:
+        s = row["setting"]
+        val = "diverged" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.2f}"
+        lines.append(f"| {s['base_lr']:g} | {s['weight_decay']:g} | {s['num_tokens'] or '-'} | {val} |")
+    c = result["choice"]
+    lines += [
+        "",
+        f"Chosen ({result['chosen_by']}): base lr {c['base_lr']:g}, weight decay {c['weight_decay']:g}"
+        + (f", {c['num_tokens']} prompt tokens" if c["num_tokens"] else "")
+        + f". Test accuracy over {result['seeds']} seed(s): "
+        f"**{100 * result['test_mean']:.2f}** ± {100 * result['test_std']:.2f}.",
+        "",
+    ]
+    return "\n".join(lines)
