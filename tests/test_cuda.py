@@ -111,8 +111,8 @@ def test_mixed_task_batch_on_gpu_equals_each_task_alone() -> None:
 
 def test_harness_measures_gpu_memory_and_flops(saved_backbone) -> None:
     args = perf._parser().parse_args(
-        ["--backbone", saved_backbone, "--image-size", "16", "--batch-size", "4", "--device", "cuda", "--precision", "bf16",
-         "--repeats", "2", "--warmup", "1"]
+        ["--backbone", saved_backbone, "--image-size", "16", "--batch-size", "4", "--device", "cuda",
+         "--precision", "bf16", "--repeats", "2", "--warmup", "1"]
     )  # fmt: skip
     deep, full = perf.measure_method(args, "vpt-deep"), perf.measure_method(args, "full")
     assert deep["memory_kind"] == "cuda max allocated"

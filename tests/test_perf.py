@@ -11,7 +11,7 @@ from conftest import DEPTH, WIDTH, tiny_backbone
 
 import vptune
 import vptune.perf
-from vptune.perf import _base_method, rows, main, saved_for_backward
+from vptune.perf import _base_method, main, saved_for_backward
 
 
 def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
@@ -20,7 +20,7 @@ def test_harness_reports_every_method(tmp_path, saved_backbone, capsys) -> None:
     assert main([*argv, "--no-fresh", "--rounds", "2", "--gemm-size", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {row["method"]: row for row in result["rows"]}
-    assert set(rows) == set(rows())
+    assert set(rows) == set(vptune.perf.rows())
     for row in rows.values():
         assert row["step_seconds"] > 0 and row["flops_per_image"] > 0 and 0 < row["utilisation"]
         assert row["peak_memory_bytes"] >= row["step_memory_bytes"] >= 0 and "time_vs_full" in row

@@ -141,9 +141,7 @@ class Splits:
     test: Dataset | None = None
 
 
-def load_splits(
-    data: str | os.PathLike | TaskData, config: TrainConfig, preprocessing: Preprocessing | int
-) -> Splits:
+def load_splits(data: str | os.PathLike | TaskData, config: TrainConfig, preprocessing: Preprocessing | int) -> Splits:
     """Open a task (name, folder or TaskData) and load the splits the config asks for, as a model with this
     preprocessing sees them (an int: that input side, with the task's own protocol)."""
     task = data if isinstance(data, TaskData) else open_task(data)

@@ -40,6 +40,7 @@ from .methods import METHODS, build, get_method
 from .preprocessing import normalize
 from .prompts import PromptConfig
 
+
 # Every method's rows (``Method.perf_rows``): the plain step, and variants named by suffix: ``-ckpt<K>`` gradient
 # checkpointing of the first K blocks (``-ckpt``: all), ``-compiled`` torch.compile, ``-whole`` whole blocks (no
 # skipping of unread outputs), ``-cached`` training on the cached frozen trunk.
