@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vptune.sweep.executors
-from vptune.sweep import Budget, plan_sweep, run_sweep
+from vptune.sweep import Budget, make_executor, plan_sweep, run_sweep
 
 TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
 
@@ -58,7 +58,7 @@ def test_ray_backend_gives_the_local_results_and_resumes_locally(
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert ray.cluster_resources()["CPU"] == 2
-        remote = run_sweep(plan, tmp_path / "ray", backend="ray")
+        remote = run_sweep(plan, tmp_path / "ray", make_executor("ray"))
     finally:
         ray.shutdown()
     assert remote["grid"] == local["grid"] and remote["choice"] == local["choice"]

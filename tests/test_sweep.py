@@ -11,7 +11,7 @@ import vptune
 import vptune.sweep.executors
 from vptune.bench import bench_table, plan_bench, run_bench
 from vptune.cli import main
-from vptune.sweep import BUDGETS, Budget, choose, plan_sweep, run_sweep
+from vptune.sweep import BUDGETS, Budget, choose, make_executor, plan_sweep, run_sweep
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
@@ -156,11 +156,11 @@ def test_batched_sweep_gives_the_unbatched_grid(tmp_path, saved_backbone, tiny_t
     no_dropout = plan_sweep(str(tiny_task), "vpt-shallow", TINY, saved_backbone, lrs=[2.0, 1.0, 0.5], seeds=1)
     assert no_dropout.grid_runs()[0]["run"]["prompt"]["dropout"] == 0.0
     one = run_sweep(no_dropout, tmp_path / "one")
-    three = run_sweep(no_dropout, tmp_path / "three", batched=3)
+    three = run_sweep(no_dropout, tmp_path / "three", make_executor(batched=3))
     for ours, theirs in zip(three["grid"], one["grid"], strict=True):
         assert ours["setting"] == theirs["setting"] and ours["val_accuracy"] == theirs["val_accuracy"]
     assert three["choice"] == one["choice"] and three["test_accuracy"] == one["test_accuracy"]
     run = json.loads((tmp_path / "three" / "runs" / f"{three['runs'][0]}.json").read_text())
     assert run["metrics"]["batched"] == 3
     with pytest.raises(ValueError, match="local backend"):
-        run_sweep(no_dropout, tmp_path / "x", backend="ray", batched=2)
+        make_executor("ray", batched=2)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .sweep import SweepPlan, plan_sweep, run_sweep
+from .sweep import Executor, SweepPlan, plan_sweep, run_locally, run_sweep
 
 # The offline suite's tasks by VTAB group (../shared/README.md); other tasks count as "other".
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -47,18 +47,14 @@ def plan_bench(
 def run_bench(
     plans: dict[tuple[str, str], SweepPlan],
     out: str | os.PathLike,
-    backend: str = "local",
-    ray_address: str | None = None,
+    execute: Executor = run_locally,
     progress: Callable[[dict], None] | None = None,
-    batched: int = 1,
 ) -> dict:
     """Run every cell's sweep (finished runs are skipped), then write ``bench.{md,csv,json}`` and the figures."""
     out = Path(out)
     start = time.perf_counter()
     results = {
-        (Path(task).name, method): run_sweep(
-            plan, out / Path(task).name / method, backend, ray_address, progress, batched
-        )
+        (Path(task).name, method): run_sweep(plan, out / Path(task).name / method, execute, progress)
         for (task, method), plan in plans.items()
     }
     tasks = list(dict.fromkeys(task for task, _ in results))

@@ -20,7 +20,7 @@ from .methods import METHODS, get_method
 from .report import file_bytes, human_bytes, markdown_table, params_multiple, task_summary, top_classes
 from .runs import RunResult, RunSpec, run
 from .serve import ServeConfig, serve_folders
-from .sweep import SUMMARY_FILE, plan_sweep, run_sweep
+from .sweep import SUMMARY_FILE, make_executor, plan_sweep, run_sweep
 from .taskfile import load_task, read_record
 
 
@@ -153,7 +153,7 @@ def sweep(args: argparse.Namespace) -> int:
     )  # fmt: skip
     total = len(plan.grid_runs()) + plan.seeds
     with _RunProgress(total, args.progress) as progress:
-        run_sweep(plan, args.out, args.backend, args.ray_address, progress.update, args.batched)
+        run_sweep(plan, args.out, make_executor(args.backend, args.ray_address, args.batched), progress.update)
     print((Path(args.out) / SUMMARY_FILE).read_text())
     return 0
 
@@ -168,7 +168,8 @@ def bench(args: argparse.Namespace) -> int:
     plans = plan_bench(roots, methods, args.budget, args.backbone, seeds=args.seeds)
     total = sum(len(plan.grid_runs()) + plan.seeds for plan in plans.values())
     with _RunProgress(total, args.progress) as progress:
-        summary = run_bench(plans, args.out, args.backend, args.ray_address, progress.update, args.batched)
+        execute = make_executor(args.backend, args.ray_address, args.batched)
+        summary = run_bench(plans, args.out, execute, progress.update)
     print((Path(args.out) / "bench.md").read_text())
     print(f"{len(plans)} sweeps in {summary['seconds']:.0f} s; table, CSV and figures in {args.out}")
     return 0

@@ -20,9 +20,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The roles a pre-norm block's parts play (``Backbone.block_parts``): the two norms, the attention projections,
-# the MLP and its output projection. ``layer_scale1/2`` are read when the block has them (DINOv2).
-PART_ROLES = ("norm1", "norm2", "q", "k", "v", "o", "mlp", "mlp_out")
+Paths = str | tuple[str, ...]
 
 
 class Backbone(nn.Module):
@@ -46,9 +44,10 @@ class Backbone(nn.Module):
     model_classes: ClassVar[tuple[str, ...]] = ()  # transformers model classes this family wraps
     default_mean: ClassVar[tuple[float, ...]] = IMAGENET_MEAN
     default_std: ClassVar[tuple[float, ...]] = IMAGENET_STD
-    # The family's own block classes, and where they keep each part by role (``PART_ROLES``): candidate paths,
+    load_options: ClassVar[dict] = {}  # keyword arguments of ``from_pretrained``
+    # The family's own block classes, and where they keep each part by role (see ``layout``): candidate paths,
     # newest transformers names first. Such blocks compute only the tokens whose outputs are read; any other block
-    # (another layout, or a module a user put in) runs whole.
+    # (another layout, or a module a user put in) runs whole. ``layer_scale1/2`` are used where a block has them.
     block_classes: ClassVar[tuple[str, ...]] = ()
     block_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
 
@@ -83,7 +82,7 @@ class Backbone(nn.Module):
         """The transformers model in ``source`` (a Hub id or a local folder)."""
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(source, dtype=dtype)
+        return AutoModel.from_pretrained(source, dtype=dtype, **cls.load_options)
 
     @property
     def patch_embed(self) -> nn.Conv2d:
@@ -278,6 +277,15 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, family={self.family}, width={self.width}, depth={self.depth}"
+
+
+def layout(
+    norm1: str, norm2: str, q: Paths, k: Paths, v: Paths, o: Paths, mlp: Paths = "mlp", mlp_out: Paths = "mlp.fc2"
+) -> dict[str, tuple[str, ...]]:
+    """A family's ``block_parts``: the path (or candidate paths, newest first) of each part of a pre-norm block, by
+    role: the two norms, the attention projections q, k, v and o (output), the MLP and its output projection."""
+    roles = {"norm1": norm1, "norm2": norm2, "q": q, "k": k, "v": v, "o": o, "mlp": mlp, "mlp_out": mlp_out}
+    return {role: (paths,) if isinstance(paths, str) else tuple(paths) for role, paths in roles.items()}
 
 
 def split_range(tokens: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, layout
 from .loading import register_family
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,16 +25,9 @@ class ClipBackbone(Backbone):
     default_mean = CLIP_MEAN
     default_std = CLIP_STD
     block_classes = ("CLIPEncoderLayer",)
-    block_parts = {
-        "norm1": ("layer_norm1",),
-        "norm2": ("layer_norm2",),
-        "q": ("self_attn.q_proj",),
-        "k": ("self_attn.k_proj",),
-        "v": ("self_attn.v_proj",),
-        "o": ("self_attn.out_proj",),
-        "mlp": ("mlp",),
-        "mlp_out": ("mlp.fc2",),
-    }
+    block_parts = layout(
+        "layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
+    )
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

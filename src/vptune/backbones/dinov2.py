@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD
+from .base import IMAGENET_MEAN, IMAGENET_STD, layout
 from .loading import register_family
 from .vit import VIT_ATTENTION, ViTBackbone
 
@@ -19,14 +19,9 @@ class Dinov2Backbone(ViTBackbone):
     model_classes = ("Dinov2Model", "Dinov2WithRegistersModel")
     default_mean = IMAGENET_MEAN
     default_std = IMAGENET_STD
+    load_options = {}
     block_classes = ("Dinov2Layer", "Dinov2WithRegistersLayer")
-    block_parts = {
-        "norm1": ("norm1",),
-        "norm2": ("norm2",),
-        **VIT_ATTENTION,
-        "mlp": ("mlp",),
-        "mlp_out": ("mlp.fc2",),
-    }
+    block_parts = layout("norm1", "norm2", **VIT_ATTENTION)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,12 +30,6 @@ class Dinov2Backbone(ViTBackbone):
     @classmethod
     def native_size(cls, config) -> int:
         return 224  # the configs say 518 (the pretraining crop); their preprocessing and every benchmark use 224
-
-    @classmethod
-    def load_model(cls, source: str, dtype: torch.dtype) -> nn.Module:
-        from transformers import AutoModel
-
-        return AutoModel.from_pretrained(source, dtype=dtype)
 
     @property
     def blocks(self) -> nn.ModuleList:

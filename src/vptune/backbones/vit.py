@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, layout
 from .loading import register_family
 
 # Shared by the families built like ViT (DINOv2): 5.x names first, 4.x names after.
@@ -26,21 +26,9 @@ class ViTBackbone(Backbone):
     model_classes = ("ViTModel",)
     default_mean = (0.5, 0.5, 0.5)
     default_std = (0.5, 0.5, 0.5)
+    load_options = {"add_pooling_layer": False}  # the pooler is unused; a checkpoint without one would init it randomly
     block_classes = ("ViTLayer",)
-    block_parts = {
-        "norm1": ("layernorm_before",),
-        "norm2": ("layernorm_after",),
-        **VIT_ATTENTION,
-        "mlp": ("mlp",),
-        "mlp_out": ("mlp.fc2", "output.dense"),
-    }
-
-    @classmethod
-    def load_model(cls, source: str, dtype: torch.dtype) -> nn.Module:
-        from transformers import AutoModel
-
-        # the pooler is unused; a checkpoint without one would initialise it randomly
-        return AutoModel.from_pretrained(source, dtype=dtype, add_pooling_layer=False)
+    block_parts = layout("layernorm_before", "layernorm_after", **VIT_ATTENTION, mlp_out=("mlp.fc2", "output.dense"))
 
     @property
     def patch_embed(self) -> nn.Conv2d:

@@ -8,7 +8,7 @@ Modules: :mod:`.plan` (budgets, grids, the runs), :mod:`.execute` and :mod:`.exe
 """
 
 from .execute import execute
-from .executors import BACKENDS, make_executor
+from .executors import BACKENDS, Executor, make_executor, run_locally
 from .plan import BUDGETS, Budget, SweepPlan, get_budget, plan_sweep
 from .runner import SUMMARY_FILE, SWEEP_FILE, run_sweep, write_json
 from .selection import choose, summarise, summary_markdown
@@ -19,12 +19,14 @@ __all__ = [
     "SUMMARY_FILE",
     "SWEEP_FILE",
     "Budget",
+    "Executor",
     "SweepPlan",
     "choose",
     "execute",
     "get_budget",
     "make_executor",
     "plan_sweep",
+    "run_locally",
     "run_sweep",
     "summarise",
     "summary_markdown",

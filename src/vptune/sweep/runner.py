@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .executors import Executor, make_executor
+from .executors import Executor, run_locally
 from .plan import SweepPlan
 from .selection import choose, summarise, summary_markdown
 
@@ -19,10 +19,8 @@ SUMMARY_FILE = "summary.md"
 def run_sweep(
     plan: SweepPlan,
     out: str | os.PathLike,
-    backend: str = "local",
-    ray_address: str | None = None,
+    execute: Executor = run_locally,
     progress: Callable[[dict], None] | None = None,
-    batched: int = 1,
 ) -> dict:
     """Run (or resume) a sweep into ``out``; return what ``sweep.json`` holds.
 
@@ -30,13 +28,10 @@ def run_sweep(
         plan: from :func:`plan_sweep`.
         out: the sweep folder; ``runs/<id>.json`` per finished run, the final runs' task folders in
             ``tasks/<id>/``, ``sweep.json`` and ``summary.md`` at the end.
-        backend: ``local`` (one run after another in this process) or ``ray`` (a Ray cluster).
-        ray_address: the Ray cluster to join; default a local Ray.
+        execute: where the runs execute (:func:`make_executor`: here one by one, K grid settings at a time, Ray).
         progress: called with each finished run's result (e.g. to update a progress bar).
-        batched: train up to this many grid settings of one prompt length together (local backend, SGD methods).
     """
     out = Path(out)
-    execute = make_executor(backend, ray_address, batched)
     grid = _run_all(plan.grid_runs(), out, execute, progress)
     choice = choose(grid) if grid else plan.settings[0]
     finals = _run_all(plan.final_runs(choice), out, execute, progress)
