@@ -258,6 +258,8 @@ def test_configs_refuse_wrong_types_and_choices():
         vptune.PromptConfig(num_tokens=[10])
     with pytest.raises(ValueError, match="unknown method"):
         vptune.RunSpec("eurosat", "vpt-deeep")
+    with pytest.raises(ValueError, match="prompt must be a mapping of options"):
+        vptune.RunSpec.from_layers({"data": "eurosat", "prompt": 10})
     with pytest.raises(ValueError, match="unknown keys \\['lr'\\]"):
         vptune.RunSpec.from_layers({"data": "eurosat", "lr": 0.1})
     with pytest.raises(ValueError, match="unknown budget 'huge'; choose one of smoke, cpu, paper"):

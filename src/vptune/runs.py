@@ -88,6 +88,8 @@ class RunSpec:
             if unknown:
                 raise ValueError(f"{where}: unknown keys {unknown}; the keys are {', '.join(cls.keys())}")
             for key, value in layer.items():
+                if key in merged and not isinstance(value or {}, dict):
+                    raise ValueError(f"{where}: {key} must be a mapping of options, got {value!r}")
                 merged[key] = {**merged[key], **(value or {})} if key in merged else value
         if not merged.get("data"):
             raise ValueError(f"{where}: no task given: name one with data (CLI: --data NAME, e.g. --data eurosat)")
