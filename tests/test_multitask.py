@@ -76,3 +76,25 @@ def test_refusals_are_clear() -> None:
         served(x, [0, 1])
     with pytest.raises(ValueError, match="one per image"):
         served(x, [0])
+
+
+def test_every_tensor_follows_the_images_device() -> None:
+    """The GPU fix, checked on the CPU: on the ``meta`` device (shapes only), a mixed batch given as a list of task
+    ids computes on the images' device alone (task ids kept on the CPU would fail to index the prompts there)."""
+    backbone = tiny_backbone("dinov2")
+    served = MultiTask(backbone, zoo(backbone)).to("meta")
+    ids = [0, 3, 1, 5, 2, 4]
+    logits = served(pixels(backbone, batch=len(ids)).to("meta"), ids)
+    assert [value.device.type for value in logits] == ["meta"] * len(ids)
+    assert [value.shape[0] for value in logits] == [3, 2, 5, 6, 4, 3]
+
+
+def test_evaluate_moves_the_model_to_the_device_it_is_given() -> None:
+    """The other GPU fix, checked on the CPU: the model goes to ``device`` (``meta`` computes shapes only, so the
+    score itself cannot be read there)."""
+    from conftest import tiny_dataset
+
+    model = task(tiny_backbone("vit"), "vpt-deep", 3, seed=0, num_tokens=2)
+    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+        vptune.evaluate(model, tiny_dataset(4), device="meta")
+    assert {param.device.type for param in model.parameters()} == {"meta"}

@@ -17,15 +17,27 @@ from .prompts import PromptConfig, Prompts
 
 
 class Head(nn.Module):
-    """A linear classifier per task, ``weight`` (T, C, d) and ``bias`` (T, C), chosen per sample by task index."""
+    """A linear classifier per task, ``weight`` (T, C, d) and ``bias`` (T, C), chosen per sample by task index.
 
-    def __init__(self, width: int, num_classes: int, num_tasks: int = 1, generator: torch.Generator | None = None):
+    Initialised as nn.Linear does, or from ``weight`` and ``bias`` (e.g. several tasks' heads stacked).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_classes: int,
+        num_tasks: int = 1,
+        generator: torch.Generator | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ):
         super().__init__()
         bound = 1.0 / math.sqrt(width)  # nn.Linear's default range
-        self.weight = nn.Parameter(
-            torch.empty(num_tasks, num_classes, width).uniform_(-bound, bound, generator=generator)
-        )
-        self.bias = nn.Parameter(torch.empty(num_tasks, num_classes).uniform_(-bound, bound, generator=generator))
+        if weight is None or bias is None:
+            weight = torch.empty(num_tasks, num_classes, width).uniform_(-bound, bound, generator=generator)
+            bias = torch.empty(num_tasks, num_classes).uniform_(-bound, bound, generator=generator)
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone())
 
     @property
     def num_classes(self) -> int:

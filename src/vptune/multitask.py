@@ -86,18 +86,22 @@ class MultiTask(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, task_ids: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
-        """Logits per sample: ``pixel_values`` (B, C, H, W) normalised, ``task_ids`` (B,) indexes :attr:`names`."""
-        ids = torch.as_tensor(task_ids, dtype=torch.long, device=pixel_values.device).reshape(-1)
+        """Logits per sample: ``pixel_values`` (B, C, H, W) normalised, ``task_ids`` (B,) indexes :attr:`names`.
+
+        The grouping by task is worked out on the CPU (task ids are few); only the images' device computes.
+        """
+        ids = torch.as_tensor(task_ids, dtype=torch.long).cpu().reshape(-1)
         if ids.numel() != pixel_values.shape[0]:
             raise ValueError(f"{ids.numel()} task ids for {pixel_values.shape[0]} images: give one per image")
         if ids.numel() and (ids.min() < 0 or ids.max() >= len(self._names)):
             raise ValueError(f"task ids must be in 0..{len(self._names) - 1} ({', '.join(self._names)})")
         out: list[torch.Tensor | None] = [None] * ids.numel()
         for group in self.groups():
-            rows = torch.isin(ids, group.members.to(ids.device)).nonzero().flatten()
+            rows = torch.isin(ids, group.members).nonzero().flatten()
             if rows.numel():
-                for row, logits in zip(rows.tolist(), group(pixel_values[rows], ids[rows]), strict=True):
-                    out[row] = logits
+                logits = group(pixel_values[rows.to(pixel_values.device)], ids[rows])
+                for row, values in zip(rows.tolist(), logits, strict=True):
+                    out[row] = values
         return out  # type: ignore[return-value]
 
     def groups(self) -> list[_Group]:
@@ -123,13 +127,15 @@ class _Group(nn.Module):
         self.heads = [task.head for task in tasks]
 
     def forward(self, pixel_values: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
-        local = torch.tensor([self.local[int(i)] for i in ids.tolist()], device=ids.device)
-        features = self.model.forward_features(pixel_values, local if self.stacked else None)
+        """Each sample's logits; ``ids`` (on the CPU) are the samples' task indices in the :class:`MultiTask`."""
+        device = pixel_values.device
+        local = torch.tensor([self.local[int(i)] for i in ids.tolist()], dtype=torch.long)
+        features = self.model.forward_features(pixel_values, local.to(device) if self.stacked else None)
         logits: list[torch.Tensor | None] = [None] * len(local)
         for position, head in enumerate(self.heads):
             rows = (local == position).nonzero().flatten()
             if rows.numel():
-                for row, values in zip(rows.tolist(), head(features[rows]), strict=True):
+                for row, values in zip(rows.tolist(), head(features[rows.to(device)]), strict=True):
                     logits[row] = values
         return logits  # type: ignore[return-value]
 

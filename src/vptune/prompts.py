@@ -117,19 +117,18 @@ class Prompts(nn.Module):
         self.num_prefix = backbone.num_prefix_tokens
         self.patch_size = backbone.patch_size
         sets = 1 if config.shared else len(self.layers)
-        num_tasks = num_tasks if embeddings is None else embeddings.shape[0]
-        self.embeddings = nn.Parameter(torch.empty(num_tasks, sets, *self._shape(backbone)))
+        given = embeddings is not None
+        shape = (num_tasks, sets, *self._shape(backbone))
+        self.embeddings = nn.Parameter(embeddings.detach().clone() if given else torch.empty(shape))
+        num_tasks = self.embeddings.shape[0]
         self.proj = nn.Linear(config.project, backbone.width) if config.project else None
         self.dropout = nn.Dropout(config.dropout)
         self.channel_kernel = None
         if config.location == "concat-channel":
             kernel = backbone.patch_embed.weight.detach().mean(dim=1, keepdim=True).flatten(1)
             self.channel_kernel = nn.Parameter(kernel.unsqueeze(0).repeat(num_tasks, 1, 1).clone())
-        if embeddings is None:
+        if not given:
             self.reset_parameters(backbone, generator)
-        else:
-            with torch.no_grad():
-                self.embeddings.copy_(embeddings)
 
     def _shape(self, backbone: Backbone) -> tuple[int, int]:
         location, width = self.config.location, self.config.project or backbone.width

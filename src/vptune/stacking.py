@@ -31,15 +31,14 @@ def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
         prompts = Prompts(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)
     head = None
     if heads:
-        head = Head(first.backbone.width, first.num_classes, num_tasks=len(models))
-        with torch.no_grad():
-            head.weight.copy_(torch.cat([model.head.weight.detach() for model in models]))
-            head.bias.copy_(torch.cat([model.head.bias.detach() for model in models]))
-    classes = first.num_classes if heads else 1
-    return TaskModel(
-        first.backbone, classes, first.prompt_config, first.preprocessing, method=first.method, prompts=prompts,
-        head=head,
+        weight = torch.cat([model.head.weight.detach() for model in models])
+        bias = torch.cat([model.head.bias.detach() for model in models])
+        head = Head(first.backbone.width, first.num_classes, weight=weight, bias=bias)
+    stacked = TaskModel(
+        first.backbone, first.num_classes if heads else 1, first.prompt_config, first.preprocessing,
+        method=first.method, prompts=prompts, head=head,
     )  # fmt: skip
+    return stacked.to(next(first.parameters()).device)  # the placeholder head too: all on the models' device
 
 
 @torch.no_grad()
