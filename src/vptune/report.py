@@ -53,7 +53,7 @@ def task_summary(record: dict, folder: Path) -> dict:
         f"total_params_{PAPER_TASKS}_tasks": f"{params_multiple(record):.2f}x",
         "backbone": f"{backbone['spec']} ({backbone['family']}, {backbone['parameters']:,} params, "
         f"fingerprint {backbone['fingerprint']})",
-        "data": record.get("data", {}).get("name"),
+        "data": (record.get("data") or {}).get("name"),
         "metrics": {k: v for k, v in (record.get("metrics") or {}).items() if "accuracy" in k or k == "epoch"},
         "vptune_version": record["library"]["version"],
     }
