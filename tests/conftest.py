@@ -21,6 +21,8 @@ from transformers import (
 )
 
 import vptune
+from vptune.backbones import SHORT_NAMES, resolve_spec, weight_roots
+from vptune.data import data_home
 from vptune.preprocessing import normalize
 
 # One thread: when another process holds a core, a thread pool makes tiny-model ops ~100x slower (and the real
@@ -147,3 +149,13 @@ def tiny_task(tmp_path_factory) -> Path:
     (root / "train800val200.txt").write_text("\n".join(lines["train800"] + lines["val200"]) + "\n")
     (root / "classes.txt").write_text("red\ngreen\nblue\n")
     return root
+
+
+def needs_real(*tasks: str, backbone: str = "dinov2-small") -> pytest.MarkDecorator:
+    """Skip unless the real weights and tasks are where the library looks for them (``$VPTUNE_WEIGHTS`` and
+    ``$VPTUNE_DATA``, then ``../shared``); the skip reason says where it looked."""
+    missing = [f"task {task} (looked in {data_home()})" for task in tasks if not (data_home() / task).is_dir()]
+    if not Path(resolve_spec(backbone)).is_dir():
+        places = ", ".join(str(root / SHORT_NAMES[backbone][0]) for root in weight_roots())
+        missing.append(f"the {backbone} weights (looked in {places})")
+    return pytest.mark.skipif(bool(missing), reason="needs " + "; ".join(missing))

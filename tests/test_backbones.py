@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import DEPTH, IMAGE, PATCH, PREFIX, WIDTH, pixels, tiny_backbone, tiny_hf_model
@@ -104,10 +106,26 @@ def test_frozen_and_always_in_eval_mode(backbone: vptune.Backbone) -> None:
 def test_fingerprint_identifies_the_weights(family: str) -> None:
     first, again, other = tiny_backbone(family, seed=0), tiny_backbone(family, seed=0), tiny_backbone(family, seed=1)
     assert first.fingerprint() == again.fingerprint() != other.fingerprint()
-    assert len(first.fingerprint()) == 16 and int(first.fingerprint(), 16) >= 0
+    assert re.fullmatch("[0-9a-f]{16}", first.fingerprint())
     record = first.record()
     assert record["fingerprint"] == first.fingerprint() and record["spec"] == f"tiny-{family}"
     assert (record["width"], record["depth"], record["parameters"]) == (WIDTH, DEPTH, first.num_parameters())
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last", "final norm"])
+def test_fingerprint_sees_every_tensor(tmp_path, family: str, where: str) -> None:
+    """Backbones that differ in a single tensor, wherever it is, have different fingerprints; a task file trained on
+    one is refused on the other."""
+    ours, theirs = tiny_backbone(family), tiny_backbone(family)
+    names = sorted(theirs.model.state_dict())
+    name = {"first": names[0], "middle": names[len(names) // 2], "last": names[-1]}.get(where)
+    tensor = theirs.norm.weight if where == "final norm" else theirs.model.state_dict()[name]
+    with torch.no_grad():
+        tensor.add_(1e-3)
+    assert ours.fingerprint() != theirs.fingerprint()
+    vptune.save_task(vptune.build("linear", ours, 2, image_size=IMAGE), tmp_path)
+    with pytest.raises(vptune.TaskFileError, match="fingerprint"):
+        vptune.load_task(tmp_path, backbone=theirs)
 
 
 def test_other_families_are_refused() -> None:

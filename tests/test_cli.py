@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_real
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
 import vptune
-from vptune import load_backbone
+from vptune import commands, load_backbone
 from vptune.bench import DEFAULT_METHODS
-from vptune.cli import build_parser, main
+from vptune.cli import _int_list, build_parser, main
+from vptune.data import load_split, open_task
 from vptune.perf import _parser as perf_parser
 from vptune.sweep import make_executor, plan_sweep
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def _train(tmp_path: Path, backbone: str, task: Path, *extra: str) -> Path:
@@ -39,15 +39,22 @@ def test_train_writes_run_folder_and_eval_predict_inspect_read_it(tmp_path, save
     assert [line["epoch"] for line in lines] == [1, 2, 2] and "test_accuracy" in lines[-1]
     capsys.readouterr()
 
+    model = vptune.load_task(out)
     assert main(["eval", str(out), "--split", "val", "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
-    assert scored["count"] == 9 and 0.0 <= scored["accuracy"] <= 1.0
+    own = vptune.evaluate(model, load_split(open_task(tiny_task), "val", model.preprocessing), device="cpu")
+    assert (scored["accuracy"], scored["loss"], scored["count"]) == (own["accuracy"], own["loss"], 9)
 
-    image = next((tiny_task / "images").glob("test_*.png"))
-    assert main(["predict", str(out), str(image), "--top-k", "2", "--json"]) == 0
-    answer = json.loads(capsys.readouterr().out)
-    assert len(answer[0]["top"]) == 2 and answer[0]["top"][0]["class"] in ("red", "green", "blue")
-    assert answer[0]["top"][0]["probability"] >= answer[0]["top"][1]["probability"]
+    images = sorted((tiny_task / "images").glob("test_*.png"))[:3]
+    assert main(["predict", str(out), *map(str, images), "--top-k", "2", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        probs = model(torch.stack([model.preprocessing(image) for image in images])).softmax(-1)
+    for answer, image, row in zip(answers, images, probs, strict=True):
+        top = row.topk(2)
+        assert answer["image"] == str(image) and [entry["label"] for entry in answer["top"]] == top.indices.tolist()
+        assert [entry["probability"] for entry in answer["top"]] == [round(float(p), 6) for p in top.values]
+        assert [entry["class"] for entry in answer["top"]] == [model.classes[i] for i in top.indices]
 
     assert main(["inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -94,8 +101,7 @@ def test_other_backbone_is_refused_unless_allowed(tmp_path, saved_backbone, tiny
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not (SHARED / "data" / "eurosat").is_dir(), reason="../shared/data is absent")
-@pytest.mark.skipif(not (SHARED / "weights" / "dinov2-small-imgfocus").is_dir(), reason="../shared/weights is absent")
+@needs_real("eurosat")
 def test_train_on_real_eurosat_at_tiny_size(tmp_path, capsys):
     out = tmp_path / "eurosat"
     argv = ["train", "--data", "eurosat", "--method", "vpt-shallow", "--image-size", "28", "--out", str(out)]
@@ -110,8 +116,7 @@ ALL_METHODS = (*DEFAULT_METHODS, "vpt-deep+bias")  # the paper's ten plus the ex
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not (SHARED / "data" / "eurosat").is_dir(), reason="../shared/data is absent")
-@pytest.mark.skipif(not (SHARED / "weights" / "dinov2-small-imgfocus").is_dir(), reason="../shared/weights is absent")
+@needs_real("eurosat")
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_trains_on_real_eurosat(tmp_path, capsys, method: str):
     out = tmp_path / method
@@ -266,3 +271,20 @@ def test_configs_refuse_wrong_types_and_choices():
         plan_sweep("eurosat", "linear", "huge")
     with pytest.raises(ValueError, match="unknown backend 'spark'"):
         make_executor("spark")
+
+
+@pytest.mark.parametrize(("layers", "blocks"), [("last:1", [1]), ("first:1", [0]), ("last:2", [0, 1]), ("1", [1])])
+def test_layers_flag_selects_the_blocks(tmp_path, saved_backbone, tiny_task, layers: str, blocks: list[int]):
+    assert _int_list("last:3") == [-3, -2, -1] and _int_list("first:3") == [0, 1, 2] and _int_list("0,2") == [0, 2]
+    out = _train(tmp_path, saved_backbone, tiny_task, "--method", "vpt-deep", "--layers", layers, "--epochs", "1")
+    assert vptune.load_task(out).prompts.layers == blocks  # the saved DINOv2 has 2 blocks
+
+
+def test_serve_command_passes_its_limits_on(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(commands, "serve_folders", lambda *args: seen.update(args=args))
+    argv = ["serve", str(tmp_path), "--max-batch", "3", "--max-wait-ms", "7", "--top-k", "2", "--port", "8123"]
+    assert main(argv) == 0
+    paths, backbone, host, port, config = seen["args"]
+    assert (paths, backbone, host, port) == ([str(tmp_path)], None, "127.0.0.1", 8123)
+    assert (config.max_batch, config.max_wait_ms, config.top_k) == (3, 7.0, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -154,9 +155,12 @@ def test_metrics_log_has_one_line_per_epoch(tmp_path: Path, backbone: vptune.Bac
     assert [row["epoch"] for row in rows[:3]] == [1, 2, 3] and not any(row.get("final") for row in rows[:3])
     for row in rows:
         assert math.isfinite(row["train_loss"]) and 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
-        assert row["lr"] > 0
+    steps = [2 * epoch - 1 for epoch in (1, 2, 3)]  # 8 images, batch 4: the lr of each epoch's last step
+    assert [row["lr"] for row in rows[:3]] == pytest.approx([lr_at(step, 6, 2, settings().lr) for step in steps])
+    assert rows[2]["val_accuracy"] == vptune.evaluate(model, splits.val, device="cpu")["accuracy"]  # the last model
     if with_test:
-        assert rows[3]["final"] is True and 0 <= rows[3]["test_accuracy"] <= 1
+        assert rows[3]["final"] is True
+        assert rows[3]["test_accuracy"] == vptune.evaluate(model, splits.test, device="cpu")["accuracy"]
         assert result == {key: value for key, value in rows[3].items() if key != "final"}
     else:
         assert result == rows[2] and "test_accuracy" not in result
@@ -183,10 +187,11 @@ def test_nan_loss_raises_with_epoch_step_and_lr(tmp_path: Path, backbone: vptune
 
 def test_exploding_lr_raises(tmp_path: Path, backbone: vptune.Backbone) -> None:
     model = model_for(backbone, "linear")
-    with pytest.raises(TrainingDiverged, match=r"at epoch \d+, step \d+ \(lr [0-9.e+]+\)"):
+    with pytest.raises(TrainingDiverged, match=r"at epoch \d+, step \d+ \(lr [0-9.e+]+\)") as error:
         vptune.fit(model, Splits(tiny_dataset(8)), settings(epochs=50, base_lr=1e38, momentum=0.0), out_dir=tmp_path)
-    for line in (tmp_path / METRICS).read_text().splitlines():
-        assert "epoch" in json.loads(line)
+    epoch = int(re.search(r"at epoch (\d+)", str(error.value))[1])
+    lines = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == list(range(1, epoch))  # every finished epoch, none after
 
 
 # --- evaluation and configuration --------------------------------------------------------------------------------
@@ -225,13 +230,23 @@ def test_actual_lr_scales_with_batch() -> None:
 
 
 def test_bf16_autocast_trains_and_reports_fp32_metrics() -> None:
-    """precision=bf16 (the CUDA default) runs the forward under bf16 autocast; checked on CPU autocast here."""
+    """precision=bf16 (the CUDA default) runs the forward under bf16 autocast; checked on CPU autocast here. The
+    metrics are computed in fp32 from the bf16 logits: the same as an fp32 cross-entropy of those logits."""
     model = model_for(tiny_backbone("dinov2"))
     seen = []
-    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    metrics = vptune.fit(model, Splits(tiny_dataset(8), val=tiny_dataset(4, seed=1)), settings(precision="bf16"))
-    assert torch.bfloat16 in seen and math.isfinite(metrics["train_loss"])
-    assert model.prompts.embeddings.dtype == torch.float32  # parameters stay fp32
+    handle = model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    val = tiny_dataset(4, seed=1)
+    metrics = vptune.fit(model, Splits(tiny_dataset(8), val=val), settings(precision="bf16"))
+    handle.remove()
+    assert torch.bfloat16 in seen and model.prompts.embeddings.dtype == torch.float32  # parameters stay fp32
+    scored = vptune.evaluate(model, val, device="cpu", precision="bf16")
+    x, labels = model.preprocessing.normalize(val.images), torch.tensor(val.labels)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    fp32_loss = F.cross_entropy(logits.float(), labels).item()
+    assert scored["loss"] == pytest.approx(fp32_loss, rel=1e-6) and isinstance(metrics["train_loss"], float)
+    assert metrics["val_accuracy"] == scored["accuracy"] == (logits.float().argmax(1) == labels).float().mean().item()
 
 
 @pytest.mark.parametrize("method", ["vpt-deep", "lora", "bias"])

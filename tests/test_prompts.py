@@ -517,3 +517,55 @@ def test_skipping_unread_outputs_dispatches_no_more_operators_than_whole_blocks(
             logits_and_gradients(model, x, skip_unread)
         counts[skip_unread] = Count.calls
     assert counts[True] <= counts[False]
+
+
+# One table: every location, read-out, depth variant and projection of the prompts, and every registered method with
+# its defaults; skipping unread outputs (the default) gives the logits and gradients of whole blocks (1e-5).
+DEPTHS = {
+    "shallow": ("vpt-shallow", {}),
+    "shallow-at-block-1": ("vpt-shallow", {"layers": [1]}),
+    "deep": ("vpt-deep", {}),
+    "deep-last-2": ("vpt-deep", {"layers": [-2, -1]}),
+    "deep-shared": ("vpt-deep", {"shared": True}),
+    "deep-first-2-drop-after": ("vpt-deep", {"layers": [0, 1], "drop_after": True}),
+}
+
+
+def _variants() -> dict[str, tuple[str, dict]]:
+    table = {}
+    for location, readout, depth, project in itertools.product(LOCATIONS, READOUTS, DEPTHS, (0, 8)):
+        method, options = DEPTHS[depth]
+        options = {**options, "location": location, "readout": readout, "project": project, "num_tokens": P}
+        try:
+            PromptConfig(deep=method == "vpt-deep", **options)
+        except ValueError:
+            continue  # a combination the paper does not define (e.g. a deep pixel-space prompt)
+        table[f"{location}-{readout}-{depth}-project{project}"] = (method, options)
+    for name in vptune.METHODS:
+        if not vptune.METHODS[name].prompted:
+            table[f"method-{name}"] = (name.replace("<k>", "2"), {})
+    return table
+
+
+SKIP_TABLE = _variants()
+
+
+def test_the_table_covers_every_variant() -> None:
+    keys = " ".join(SKIP_TABLE)
+    assert all(location in keys for location in LOCATIONS) and all(f"-{r}-" in keys for r in READOUTS)
+    assert all(depth in keys for depth in DEPTHS) and "project8" in keys and len(SKIP_TABLE) > 60
+    assert {f"method-{name}" for name in vptune.METHODS if not vptune.METHODS[name].prompted} <= set(SKIP_TABLE)
+
+
+@pytest.mark.parametrize("case", SKIP_TABLE)
+def test_skipping_unread_outputs_equals_whole_blocks(backbone: vptune.Backbone, case: str) -> None:
+    method, options = SKIP_TABLE[case]
+    prompt = PromptConfig(deep=method == "vpt-deep", **options) if options else None
+    model = vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE, seed=1).eval()  # eval: no dropout
+    model, x = model.double(), pixels(backbone, 3).double()  # float64: summation order leaves no trace at 1e-5
+    reference, reference_grads = logits_and_gradients(model, x, skip_unread=False)
+    logits, grads = logits_and_gradients(model, x, skip_unread=True)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    assert grads.keys() == reference_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=0, msg=name)

@@ -1,4 +1,5 @@
-"""The real pretrained DINOv2-S/14 and the real EuroSAT task from ../shared (skipped when they are absent)."""
+"""The real pretrained DINOv2-S/14 and the real EuroSAT task (``$VPTUNE_WEIGHTS``/``$VPTUNE_DATA``, else ../shared;
+skipped, saying where they were looked for, when absent)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_real
 from torch.utils.data import Subset
 
 import vptune
@@ -14,13 +16,12 @@ from vptune import PromptConfig, Splits, TrainConfig
 from vptune.data import load_split, open_task
 from vptune.preprocessing import normalize
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS, EUROSAT = SHARED / "weights" / "dinov2-small-imgfocus", SHARED / "data" / "eurosat"
+EUROSAT = "eurosat"
 SIZE = 56  # 4x4 patches of 14 pixels: small enough for a CPU
 
 pytestmark = [
     pytest.mark.real,
-    pytest.mark.skipif(not (WEIGHTS.is_dir() and EUROSAT.is_dir()), reason=f"needs {WEIGHTS} and {EUROSAT}"),
+    needs_real(EUROSAT),
 ]
 
 

@@ -172,3 +172,29 @@ def test_predict_and_serve_give_the_same_probabilities(tmp_path, saved_backbone,
     assert answer.json()["predictions"]["task"] == printed
     own = expected(vptune.load_task(folder, backbone=backbone), image.read_bytes())
     assert [entry["probability"] for entry in printed] == [round(float(p), 6) for p in own.sort(descending=True)[0]]
+
+
+def test_batches_never_exceed_max_batch(tasks) -> None:
+    backbone, folders, _ = tasks
+    served = MultiTask(backbone, [folders["deep3"], folders["shallow"]])
+    with running(create_app(served, ServeConfig(max_batch=2, max_wait_ms=50))) as url:
+
+        def ask(index: int) -> int:
+            files = {"image": ("x.png", png(index), "image/png")}
+            return httpx.post(f"{url}/predict", files=files, data={"task": "deep3"}, timeout=60).status_code
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert set(pool.map(ask, range(12))) == {200}
+        metrics = httpx.get(f"{url}/metrics").json()
+    assert metrics["images"] == 12 and metrics["max_batch_size"] <= 2 and metrics["batches"] >= 6
+
+
+def test_every_task_answers_when_none_is_named_and_top_k_is_capped(server, tasks) -> None:
+    files = {"image": ("x.png", png(5), "image/png")}
+    answer = httpx.post(f"{server}/predict", files=files, data={"top_k": "99"}).json()["predictions"]
+    assert sorted(answer) == ["deep3", "deep3b", "shallow"]
+    assert [len(answer[name]) for name in ("deep3", "deep3b", "shallow")] == [4, 3, 5]  # every class, no more
+    _, _, models = tasks
+    for name, entries in answer.items():
+        assert sum(entry["probability"] for entry in entries) == pytest.approx(1.0, abs=1e-5)
+        assert entries[0]["label"] == int(expected(models[name], png(5)).argmax())

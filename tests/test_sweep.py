@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import needs_real
 
 import vptune
 import vptune.sweep.executors
@@ -13,7 +13,6 @@ from vptune.bench import bench_table, plan_bench, run_bench
 from vptune.cli import main
 from vptune.sweep import BUDGETS, Budget, choose, make_executor, plan_sweep, run_sweep
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
 
 
@@ -120,8 +119,7 @@ def test_bench_groups_follow_vtab() -> None:
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not (SHARED / "data" / "retinamnist").is_dir(), reason="../shared/data is absent")
-@pytest.mark.skipif(not (SHARED / "weights" / "dinov2-small-imgfocus").is_dir(), reason="../shared/weights is absent")
+@needs_real("retinamnist", "coil20_pose")
 def test_bench_smoke_budget_on_the_real_suite(tmp_path, capsys) -> None:
     argv = ["bench", "--budget", "smoke", "--tasks", "retinamnist,coil20_pose", "--methods", "linear,vpt-deep"]
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0

@@ -8,7 +8,15 @@ from . import clip, dinov2, vit  # noqa: F401  (each registers its family)
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, drop_tokens, split_range, whole_block
 from .clip import CLIP_MEAN, CLIP_STD, ClipBackbone, QuickGelu, quick_gelu
 from .dinov2 import Dinov2Backbone
-from .loading import FAMILIES, SHORT_NAMES, load_backbone, register_family, resolve_spec, wrap_model
+from .loading import (
+    FAMILIES,
+    SHORT_NAMES,
+    load_backbone,
+    register_family,
+    resolve_spec,
+    weight_roots,
+    wrap_model,
+)
 from .vit import ViTBackbone
 
 __all__ = [
@@ -29,6 +37,7 @@ __all__ = [
     "register_family",
     "resolve_spec",
     "split_range",
+    "weight_roots",
     "whole_block",
     "wrap_model",
 ]

@@ -62,14 +62,14 @@ def resolve_spec(spec: str) -> str:
         return target
     if spec in SHORT_NAMES:
         folder, hub_id = SHORT_NAMES[spec]
-        for root in _weight_roots():
+        for root in weight_roots():
             if (root / folder / "config.json").is_file():
                 return str(root / folder)
         return hub_id
     raise ValueError(f"unknown backbone spec {spec!r}; accepted forms: {SPEC_FORMS}")
 
 
-def _weight_roots() -> list[Path]:
+def weight_roots() -> list[Path]:
     roots = []
     if os.environ.get("VPTUNE_WEIGHTS"):
         roots.append(Path(os.environ["VPTUNE_WEIGHTS"]))
