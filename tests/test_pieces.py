@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vptune.head import FeatureNorm, Head
 from vptune.methods import Adapter, LoraLinear, MlpHead, SideNetwork
 from vptune.methods.adapter import AdapterAfter
 from vptune.methods.surgery import replace_submodule
-from vptune.model import Head
 
 
 def test_lora_is_w_x_plus_scaled_b_a_x() -> None:
@@ -32,7 +32,7 @@ def test_adapter_is_a_residual_bottleneck() -> None:
     assert torch.equal(adapter(h), h) and adapter.down.out_features == 2
     with torch.no_grad():
         adapter.up.weight.normal_()
-    torch.testing.assert_close(adapter(h), h + adapter.up(F.relu(adapter.down(h))))
+    torch.testing.assert_close(adapter(h), h + adapter.up(F.gelu(adapter.down(h))))
     linear = nn.Linear(8, 8)
     torch.testing.assert_close(AdapterAfter(linear, adapter)(h), adapter(linear(h)))
     with pytest.raises(ValueError, match="reduction must be in 1..8"):
@@ -49,9 +49,11 @@ def test_replace_submodule_by_identity() -> None:
 
 
 def test_mlp_head_layers() -> None:
-    head = MlpHead(8, 3, layers=3, generator=torch.Generator().manual_seed(0))
+    head = MlpHead(8, 3, layers=3, generator=torch.Generator().manual_seed(0)).eval()
     x = torch.randn(4, 8)
-    hidden = F.relu(head.hidden[1](F.relu(head.hidden[0](x))))
+    hidden = x
+    for linear, _, norm, _ in head.hidden:  # Linear -> ReLU -> BatchNorm1d -> Dropout (identity in eval)
+        hidden = F.batch_norm(F.relu(linear(hidden)), norm.running_mean, norm.running_var, norm.weight, norm.bias)
     torch.testing.assert_close(head(x), head.out(hidden))
     assert len(head.hidden) == 2 and head.num_classes == 3 and len(MlpHead(8, 3, layers=1).hidden) == 0
     with pytest.raises(ValueError, match=">= 1 layer"):
@@ -65,8 +67,28 @@ def test_side_network_shapes() -> None:
 
 def test_head_chooses_each_samples_task() -> None:
     weight, bias = torch.randn(3, 5, 8), torch.randn(3, 5)
-    head = Head(8, 5, weight=weight, bias=bias)
+    head = Head(8, 5, num_tasks=3, norm="none")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
     x, ids = torch.randn(4, 8), torch.tensor([2, 0, 2, 1])
     expected = torch.stack([x[i] @ weight[t].T + bias[t] for i, t in enumerate(ids.tolist())])
     torch.testing.assert_close(head(x, ids), expected)
     torch.testing.assert_close(head(x), x @ weight[0].T + bias[0])  # no ids: task 0
+
+
+def test_feature_norm_is_a_batch_norm_without_affine_per_task() -> None:
+    norm, reference = FeatureNorm(6, num_tasks=2), nn.BatchNorm1d(6, affine=False, eps=1e-6)
+    x, ids = torch.randn(10, 6) * 5 + 3, torch.tensor([0, 1] * 5)
+    out = norm(x, ids)
+    torch.testing.assert_close(out[ids == 1], reference(x[ids == 1]))  # each task: its own batch statistics
+    torch.testing.assert_close(norm.running_mean[1], reference.running_mean)
+    torch.testing.assert_close(norm.running_var[1], reference.running_var)
+    norm.eval()
+    reference.eval()
+    torch.testing.assert_close(norm(x, ids)[ids == 1], reference(x[ids == 1]))
+    assert torch.allclose(norm(x[:3]), (x[:3] - norm.running_mean[0]) / (norm.running_var[0] + 1e-6).sqrt())
+    norm.train()
+    before = norm.running_mean.clone()
+    norm(x[:1])  # one row: no batch variance, the running statistics normalise it and stay
+    assert torch.equal(norm.running_mean, before)

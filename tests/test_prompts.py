@@ -147,32 +147,15 @@ def test_prepend_pixel_prompts_pass_through_the_patch_embedding(backbone: vptune
     torch.testing.assert_close(inputs[0][:, prefix : prefix + P], expected.expand(2, -1, -1), atol=1e-6, rtol=0)
 
 
-def test_concat_channel_is_a_fourth_input_channel(backbone: vptune.Backbone) -> None:
-    model = make(backbone, "vpt-shallow", location="concat-channel").eval()
-    model.skip_unread = False  # whole blocks run, so that block hooks see every token
-    with torch.no_grad():
-        model.prompts.embeddings.normal_()
-    x = pixels(backbone, 2)
-    conv = backbone.patch_embed
-    wider = nn.Conv2d(4, WIDTH, PATCH, stride=PATCH)
-    with torch.no_grad():
-        wider.weight.copy_(torch.cat([conv.weight, model.prompts.channel_kernel[0].view(WIDTH, 1, PATCH, PATCH)], 1))
-        wider.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(WIDTH))
-        channel = model.prompts.embeddings[0, 0].view(1, 1, IMAGE, IMAGE).expand(2, -1, -1, -1)
-        delta = (wider(torch.cat([x, channel], 1)) - wider(torch.cat([x, torch.zeros_like(channel)], 1))).flatten(2)
-        expected = backbone.embed(x, patch_delta=delta.transpose(1, 2))
-        with block_io(backbone) as (inputs, _):
-            model(x)
-    assert inputs[0].shape[1] == backbone.num_prefix_tokens + PATCHES  # no extra tokens
-    torch.testing.assert_close(inputs[0], expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(inputs[0], backbone.embed(x))
-
-
 def test_projected_prompts(backbone: vptune.Backbone) -> None:
     model = make(backbone, "vpt-deep", num_tokens=P, project=8).eval()
     model.skip_unread = False  # whole blocks run, so that block hooks see every token
     assert model.prompts.embeddings.shape == (1, DEPTH, P, 8)
     assert model.prompts.embeddings.abs().max() <= xavier_bound(PATCH, 8)  # bound uses the stored width k
+    proj = model.prompts.proj  # as the released code: kaiming-normal over the fan-out, nn.Linear's bias
+    assert proj.bias.abs().max() <= 1 / math.sqrt(8) and proj.bias.abs().min() > 0
+    wide = vptune.build("vpt-deep", backbone, 3, PromptConfig(project=64), IMAGE, seed=2).prompts.proj.weight
+    assert wide.std().item() == pytest.approx(math.sqrt(2 / WIDTH), rel=0.1)  # fan-out = d
     x = pixels(backbone, 2)
     with block_io(backbone) as (inputs, _), torch.no_grad():
         model(x)
@@ -188,7 +171,7 @@ POOL = {
     "cls": lambda tokens, prefix: tokens[:, 0],
     "image": lambda tokens, prefix: tokens[:, prefix + P :].mean(1),
     "prompt": lambda tokens, prefix: tokens[:, prefix : prefix + P].mean(1),
-    "all": lambda tokens, prefix: tokens.mean(1),
+    "all": lambda tokens, prefix: tokens[:, prefix:].mean(1),  # prompts and patches, as the released code
 }
 
 
@@ -240,7 +223,9 @@ def test_variant_trains_prompts_only(backbone: vptune.Backbone, case: tuple[str,
     model = make(backbone, method, num_tokens=P, **options).train()
     trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
     assert "prompts.embeddings" in trainable and {"head.weight", "head.bias"} <= set(trainable)
-    assert not any(name.startswith("backbone.") for name in trainable)
+    embedding = {f"backbone.{name}" for name in backbone.names_of(backbone.patch_embed)}
+    trains_embedding = options["location"] == "concat-channel"  # as the released code: the whole patch embedding
+    assert {name for name in trainable if name.startswith("backbone.")} == (embedding if trains_embedding else set())
     start = {name: p.detach().clone() for name, p in trainable.items()}
     optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
     x, labels = pixels(backbone, 4), torch.tensor([0, 1, 2, 3])
@@ -252,7 +237,7 @@ def test_variant_trains_prompts_only(backbone: vptune.Backbone, case: tuple[str,
         for name, param in trainable.items():
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert model.prompts.embeddings.grad.abs().sum() > 0
-        assert all(param.grad is None for param in backbone.parameters())
+        assert all(param.grad is None for param in backbone.parameters())  # the shared backbone: never
         optimizer.step()
     for name, param in trainable.items():
         assert not torch.equal(param, start[name]), f"{name} did not change"
@@ -294,8 +279,12 @@ COUNTS = {
     "shallow-add": ("vpt-shallow", {"location": "add"}, lambda prefix: (prefix + PATCHES) * WIDTH + head()),
     "deep-add": ("vpt-deep", {"location": "add"}, lambda prefix: DEPTH * (prefix + PATCHES) * WIDTH + head()),
     "prepend-pixel": ("vpt-shallow", {"num_tokens": 4, "location": "prepend-pixel"}, lambda prefix: 4 * 48 + head()),
-    # the extra channel's pixels plus the patch embedding's new input channel
-    "concat-channel": ("vpt-shallow", {"location": "concat-channel"}, lambda prefix: IMAGE**2 + WIDTH * 16 + head()),
+    # the 2 extra channels' pixels and their kernels in the patch embedding, which trains whole (added in the test)
+    "concat-channel": (
+        "vpt-shallow",
+        {"num_tokens": 2, "location": "concat-channel"},
+        lambda prefix: 2 * IMAGE**2 + WIDTH * 2 * 16 + head(),
+    ),
 }
 
 
@@ -305,6 +294,8 @@ def test_trainable_parameter_count(backbone: vptune.Backbone, case: str) -> None
     prompt = PromptConfig(**options) if options is not None else None
     model = vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE)
     expected = formula(backbone.num_prefix_tokens)
+    if options and options.get("location") == "concat-channel":
+        expected += sum(param.numel() for param in backbone.patch_embed.parameters())
     assert model.num_trainable() == expected
     assert sum(t.numel() for t in model.trainable_state_dict().values()) == expected
     assert model.head.weight.shape == (1, CLASSES, WIDTH)
@@ -380,13 +371,14 @@ def test_per_sample_task_selection(backbone: vptune.Backbone, case: str) -> None
     if tasks[0].prompts is not None and tasks[0].prompts.proj is not None:  # the projection is shared by all tasks
         tasks[1].prompts.proj.load_state_dict(tasks[0].prompts.proj.state_dict())
     joint = vptune.build(method, backbone, CLASSES, prompt, image_size=IMAGE, seed=0).eval()
-    stacked = {
-        name: torch.cat([task.trainable_state_dict()[name] for task in tasks]) if tensor.shape[0] == 1 else tensor
-        for name, tensor in tasks[0].trainable_state_dict().items()
+    stacked = {  # what the tasks learned (their head's statistics too), along the task dimension
+        name: torch.cat([task.task_state_dict()[name] for task in tasks]) if tensor.shape[0] == 1 else tensor
+        for name, tensor in tasks[0].task_state_dict().items()
     }
+    parameters = dict(joint.named_parameters())
     for name, tensor in stacked.items():
         module, attribute = joint.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
-        setattr(module, attribute, nn.Parameter(tensor.clone()))
+        setattr(module, attribute, nn.Parameter(tensor.clone()) if name in parameters else tensor.clone())
     x = pixels(backbone, 5)
     task_ids = torch.tensor([0, 1, 1, 0, 1])
     with torch.no_grad():
@@ -462,7 +454,7 @@ def logits_and_gradients(model: vptune.TaskModel, x: torch.Tensor, skip_unread: 
 def test_skipping_unread_outputs_changes_no_logit_and_no_gradient(backbone: vptune.Backbone, case: str) -> None:
     method, options, _ = INSERTION.get(case, ("vpt-deep", {"readout": case.removeprefix("readout-")}, None))
     model = make(backbone, method, num_tokens=P, **options).eval()  # eval: no prompt dropout, gradients still flow
-    x = pixels(backbone, 3)
+    model, x = model.double(), pixels(backbone, 3).double()  # float64: summation order leaves no trace
     reference, reference_grads = logits_and_gradients(model, x, skip_unread=False)
     with FlopCounterMode(display=False) as counter:
         logits, grads = logits_and_gradients(model, x, skip_unread=True)

@@ -39,7 +39,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, saved_backbo
     single, double = load_file(one / "weights.safetensors"), load_file(two / "weights.safetensors")
     assert single.keys() == double.keys()
     prompt = vptune.PromptConfig(num_tokens=2)
-    start = vptune.build("vpt-deep", vptune.load_backbone(saved_backbone), 3, prompt, 16).trainable_state_dict()
+    start = vptune.build("vpt-deep", vptune.load_backbone(saved_backbone), 3, prompt, 16).task_state_dict()
     for name in single:
         assert not torch.equal(single[name], start[name])  # it trained
         torch.testing.assert_close(double[name], single[name], atol=1e-5, rtol=0)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from conftest import needs_real
 
 import vptune
 import vptune.sweep.executors
-from vptune.bench import bench_table, plan_bench, run_bench
+from vptune.bench import bench_table, collapses, plan_bench, run_bench
 from vptune.cli import main
-from vptune.sweep import BUDGETS, Budget, choose, make_executor, plan_sweep, run_sweep
+from vptune.sweep import BUDGETS, Budget, choose, make_executor, plan_sweep, run_sweep, summarise, summary_markdown
 
 TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
 
@@ -109,10 +110,14 @@ def test_bench_table_groups_and_figures(tmp_path, saved_backbone, tiny_task) -> 
 
 
 def test_bench_groups_follow_vtab() -> None:
-    cell = {"test_mean": 0.5, "trainable_parameters": 10, "backbone_parameters": 1000, "tuned_parameters": 0}
+    cell = {"trainable_parameters": 10, "backbone_parameters": 1000, "tuned_parameters": 0, "test_std": 0.0}
     tasks = ["eurosat", "cifar10", "dsprites_loc", "coil20_pose"]
-    results = {(task, "linear"): {**cell, "test_mean": 0.1 * (i + 1)} for i, task in enumerate(tasks)}
+    results = {
+        (task, "linear"): {**cell, "test_mean": 0.1 * (i + 1), "test_accuracy": [0.1 * i + 0.05, 0.1 * i + 0.15]}
+        for i, task in enumerate(tasks)
+    }
     row = bench_table(results, tasks, ["linear"])[0]
+    assert row["mean sd"] == pytest.approx(statistics.stdev([22.5, 32.5]))  # the seeds' means over tasks
     assert row["mean specialized"] == pytest.approx(10) and row["mean natural"] == pytest.approx(20)
     assert row["mean structured"] == pytest.approx(35) and row["mean"] == pytest.approx(25)
     assert row["total params"] == pytest.approx((1000 + 4 * 10) / 1000) and row["trainable %"] == pytest.approx(1)
@@ -162,3 +167,19 @@ def test_batched_sweep_gives_the_unbatched_grid(tmp_path, saved_backbone, tiny_t
     assert run["metrics"]["batched"] == 3
     with pytest.raises(ValueError, match="local backend"):
         make_executor("ray", batched=2)
+
+
+def test_a_final_run_far_below_its_grid_run_is_reported_as_a_collapse() -> None:
+    plan = plan_sweep("eurosat", "linear", TINY, lrs=[0.5, 0.1], seeds=3)
+    setting = plan.settings[0]
+
+    def run(train: float, test: float | None = 0.5) -> dict:
+        metrics = {"train_accuracy": train, "val_accuracy": 0.8, "test_accuracy": test}
+        return {"entry": {"setting": setting, "id": "x"}, "metrics": metrics, "trainable_parameters": 1,
+                "backbone_parameters": 2, "tuned_parameters": 0, "library": "x", "seconds": 1.0}  # fmt: skip
+
+    summary = summarise(plan, [run(0.9)], setting, [run(0.88), run(0.80), run(0.86)])
+    assert summary["grid_train_accuracy"] == 0.9 and summary["final_train_accuracy"] == [0.88, 0.80, 0.86]
+    assert summary["collapsed_seeds"] == [1]  # 10 points below; seed 2 is 4 points below: within the margin
+    assert "Warning: the final run of seed(s) [1]" in summary_markdown(summary)
+    assert collapses({("eurosat", "linear"): summary}) == ["eurosat linear seed 1"]

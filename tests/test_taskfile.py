@@ -67,8 +67,9 @@ def test_folder_holds_only_what_trained(tmp_path: Path, backbone: vptune.Backbon
         names = set(handle.keys())
         metadata = handle.metadata()
         for name in names:
-            assert torch.equal(handle.get_tensor(name), model.trainable_state_dict()[name])
-    assert names == set(model.trainable_state_dict()) and not any(n.startswith("backbone") for n in names)
+            assert torch.equal(handle.get_tensor(name), model.task_state_dict()[name])
+    statistics = {"head.norm.running_mean", "head.norm.running_var"}  # the head's feature norm (see fidelity.md)
+    assert names == set(model.trainable_state_dict()) | statistics and not any(n.startswith("backbone") for n in names)
     assert metadata["backbone_fingerprint"] == backbone.fingerprint() and metadata["method"] == "vpt-deep"
     record = json.loads((tmp_path / RECORD).read_text())
     assert record["backbone"]["fingerprint"] == backbone.fingerprint()
@@ -135,7 +136,7 @@ DAMAGE = {
     ),
     "tensor missing": (
         lambda f: save_file({"head.weight": torch.zeros(1, 3, WIDTH), "head.bias": torch.zeros(1, 3)}, f / WEIGHTS),
-        r"missing \['prompts\.embeddings'\]",
+        r"missing \['head\.norm\.running_mean', 'head\.norm\.running_var', 'prompts\.embeddings'\]",
     ),
     "other method": (lambda f: edit_record(f, lambda r: r.update(method="linear")), r"unexpected \['prompts"),
 }

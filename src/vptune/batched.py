@@ -43,12 +43,13 @@ def fit_batched(
     stacked = stack(models)
     training = prepare(stacked, data, first, resolve_device(first.device))
     params = [p for p in stacked.parameters() if p.requires_grad]
+    decays = [p is not stacked.classifier.bias for p in params]  # as fit: no weight decay on the head's bias
     buffers: list[torch.Tensor | None] = [None] * len(params)
     history: list[list[dict]] = [[] for _ in models]
     stacked.train()
     torch.manual_seed(first.seed)
     for epoch in range(1, first.epochs + 1):
-        for log, metrics in zip(history, _epoch(training, params, buffers, configs, epoch), strict=True):
+        for log, metrics in zip(history, _epoch(training, params, decays, buffers, configs, epoch), strict=True):
             log.append(metrics)
     if training.splits.test is not None:
         accuracies = _accuracies(training.stage, training.splits.test, len(models), first, training.device)
@@ -58,7 +59,7 @@ def fit_batched(
     return [log[-1] for log in history]
 
 
-def _epoch(training: Training, params, buffers, configs: list[TrainConfig], epoch: int) -> list[dict]:
+def _epoch(training: Training, params, decays, buffers, configs: list[TrainConfig], epoch: int) -> list[dict]:
     """One epoch for every configuration; each one's metrics."""
     first, k, device = configs[0], len(configs), training.device
     training.sampler.set_epoch(epoch)
@@ -69,7 +70,7 @@ def _epoch(training: Training, params, buffers, configs: list[TrainConfig], epoc
         losses = _step(training.stage, inputs, labels, k, first, device, epoch, step)
         sums[:, 0] += losses.detach().double() * labels.numel()
         sums[:, 1] += labels.numel()
-        stacked_sgd_step(params, buffers, lrs, configs)
+        stacked_sgd_step(params, buffers, lrs, configs, decays)
         step += 1
     seconds = time.perf_counter() - start
     val = (
@@ -102,12 +103,19 @@ def _step(stage: Stage, inputs, labels, k: int, config, device, epoch: int, step
 
 @torch.no_grad()
 def stacked_sgd_step(
-    params: list[nn.Parameter], buffers: list[torch.Tensor | None], lrs: torch.Tensor, configs: list[TrainConfig]
+    params: list[nn.Parameter],
+    buffers: list[torch.Tensor | None],
+    lrs: torch.Tensor,
+    configs: list[TrainConfig],
+    decays: list[bool] | None = None,
 ) -> None:
-    """``torch.optim.SGD`` (momentum, weight decay) applied to row k of every stacked tensor with config k's values."""
+    """``torch.optim.SGD`` (momentum, weight decay) applied to row k of every stacked tensor with config k's values;
+    ``decays[i]`` False: no weight decay on ``params[i]``."""
     for index, param in enumerate(params):
         shape = (-1,) + (1,) * (param.dim() - 1)
-        decay = torch.tensor([c.weight_decay for c in configs], dtype=param.dtype, device=param.device).view(shape)
+        decayed = decays is None or decays[index]
+        rates = [c.weight_decay if decayed else 0.0 for c in configs]
+        decay = torch.tensor(rates, dtype=param.dtype, device=param.device).view(shape)
         momentum = torch.tensor([c.momentum for c in configs], dtype=param.dtype, device=param.device).view(shape)
         step = param.grad + decay * param
         buffers[index] = step.clone() if buffers[index] is None else momentum * buffers[index] + step

@@ -62,6 +62,7 @@ def run_bench(
     table = bench_table(results, tasks, methods)
     budget = next(iter(plans.values())).budget
     summary = {"budget": budget.name, "note": budget.note, "tasks": tasks, "methods": methods, "rows": table}
+    summary["collapses"] = collapses(results)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "bench.md").write_text(bench_markdown(summary))
@@ -77,11 +78,13 @@ def bench_table(results: dict[tuple[str, str], dict], tasks: list[str], methods:
         cells = {task: results[(task, method)] for task in tasks}
         row: dict = {"method": method}
         row.update({task: 100 * cell["test_mean"] for task, cell in cells.items()})
+        row.update({f"{task} sd": 100 * cell["test_std"] for task, cell in cells.items()})
         for group in [*GROUPS, "other"]:
             members = [row[t] for t in tasks if group_of(t) == group]
             if members:
                 row[f"mean {group}"] = statistics.fmean(members)
         row["mean"] = statistics.fmean(row[t] for t in tasks)
+        row["mean sd"] = _seed_sd(cells)
         backbone = next(iter(cells.values()))["backbone_parameters"]
         trainable = [cell["trainable_parameters"] for cell in cells.values()]
         tuned = next(iter(cells.values()))["tuned_parameters"]
@@ -91,29 +94,48 @@ def bench_table(results: dict[tuple[str, str], dict], tasks: list[str], methods:
     return rows
 
 
+def _seed_sd(cells: dict[str, dict]) -> float:
+    """The standard deviation over seeds of the mean over tasks (seed k of every task averaged together)."""
+    per_seed = list(zip(*(cell["test_accuracy"] for cell in cells.values()), strict=False))
+    means = [100 * statistics.fmean(seed) for seed in per_seed]
+    return statistics.stdev(means) if len(means) > 1 else 0.0
+
+
+def collapses(results: dict[tuple[str, str], dict]) -> list[str]:
+    """Every final run that trained more than 5 points below its grid run: ``task method seed k``."""
+    return [
+        f"{task} {method} seed {seed}"
+        for (task, method), result in results.items()
+        for seed in result.get("collapsed_seeds", [])
+    ]
+
+
 def bench_markdown(summary: dict) -> str:
     rows = summary["rows"]
-    keys = list(rows[0])
+    keys = [key for key in rows[0] if not key.endswith(" sd")]
     lines = [
         f"Budget `{summary['budget']}`: {summary['note']}.",
-        f"Test accuracy (%), mean over seeds; total params = (shared backbone + every task's parameters) / backbone "
-        f"for these {len(summary['tasks'])} tasks.",
+        f"Test accuracy (%), mean ± standard deviation over seeds (for the mean: of the seeds' means over tasks); "
+        f"total params = (shared backbone + every task's parameters) / backbone for these {len(summary['tasks'])} "
+        "tasks.",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "|".join("---" for _ in keys) + "|",
     ]
     for row in rows:
-        cells = [row["method"]] + [_format(key, row[key]) for key in keys[1:]]
+        cells = [row["method"]] + [_format(key, row[key], row.get(f"{key} sd")) for key in keys[1:]]
         lines.append("| " + " | ".join(cells) + " |")
+    broken = summary.get("collapses", [])
+    lines += ["", f"Final runs that trained more than 5 points below their grid run: {', '.join(broken) or 'none'}."]
     return "\n".join(lines) + "\n"
 
 
-def _format(key: str, value: float) -> str:
+def _format(key: str, value: float, sd: float | None = None) -> str:
     if key == "total params":
         return f"{value:.2f}x"
     if key == "trainable %":
         return f"{value:.3f}"
-    return f"{value:.1f}"
+    return f"{value:.1f}" if not sd else f"{value:.1f} ± {sd:.1f}"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -16,6 +16,7 @@ import typing
 from . import commands
 from ._version import __version__
 from .engine import TrainConfig
+from .head import HEAD_INITS, HEAD_NORMS
 from .methods import METHODS, get_method, method_names
 from .prompts import PromptConfig
 from .sweep import BACKENDS, BUDGETS
@@ -67,6 +68,14 @@ def _train(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--method", action=_Into, type=_method, help=f"{', '.join(method_names())} (default: vpt-deep)")
     run.add_argument("--backbone", action=_Into, help="dinov2-small, hf:<hub id>, hf:<folder> (default: dinov2-small)")
     run.add_argument("--image-size", action=_Into, type=int, help="square input side (default: the backbone's)")
+    run.add_argument(
+        "--head-init", action=_Into, choices=HEAD_INITS,
+        help="uniform: nn.Linear's range (default); released: the released code's kaiming fan-out and -log(99) bias",
+    )  # fmt: skip
+    run.add_argument(
+        "--head-norm", action=_Into, choices=HEAD_NORMS,
+        help="batchnorm: a batch norm without affine on the features the head reads (default); none: the paper's",
+    )  # fmt: skip
     for section, cls in (("prompt", PromptConfig), ("train", TrainConfig)):
         group = parser.add_argument_group(section)
         for field in dataclasses.fields(cls):

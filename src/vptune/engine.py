@@ -240,11 +240,15 @@ def cache_dataset(model: TaskModel, dataset: Dataset, point: int, config: TrainC
     return TensorDataset(torch.cat(outputs), torch.cat(labels))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum, or AdamW with decoupled weight decay (the released code's AdamW ignored it)."""
+def make_optimizer(model: TaskModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum, or AdamW with decoupled weight decay (the released code's AdamW ignored it), over what
+    trains; weight decay on every trained tensor but the head's bias, as the released code."""
+    bias = model.classifier.bias
+    decayed = [p for p in model.parameters() if p.requires_grad and p is not bias]
+    groups = [{"params": decayed}, {"params": [bias] if bias.requires_grad else [], "weight_decay": 0.0}]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -321,7 +325,7 @@ def fit(
     training = prepare(model, data, config, device, world, rank())
     torch.manual_seed(config.seed)
     model.train()
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+    optimizer = make_optimizer(model, config)
     trained = DistributedDataParallel(model) if world > 1 else model
     trained = torch.compile(trained) if config.compile else trained
     log = _MetricsLog(out_dir if is_main() else None)

@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbones import Backbone, drop_tokens
+from .head import Head
 from .preprocessing import Preprocessing
 from .prompts import PromptConfig, Prompts
-
-
-class Head(nn.Module):
-    """A linear classifier per task, ``weight`` (T, C, d) and ``bias`` (T, C), chosen per sample by task index.
-
-    Initialised as nn.Linear does, or from ``weight`` and ``bias`` (e.g. several tasks' heads stacked).
-    """
-
-    def __init__(
-        self,
-        width: int,
-        num_classes: int,
-        num_tasks: int = 1,
-        generator: torch.Generator | None = None,
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-    ):
-        super().__init__()
-        bound = 1.0 / math.sqrt(width)  # nn.Linear's default range
-        if weight is None or bias is None:
-            weight = torch.empty(num_tasks, num_classes, width).uniform_(-bound, bound, generator=generator)
-            bias = torch.empty(num_tasks, num_classes).uniform_(-bound, bound, generator=generator)
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(bias.detach().clone())
-
-    @property
-    def num_classes(self) -> int:
-        return self.weight.shape[1]
-
-    def forward(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if task_ids is None:
-            return F.linear(features, self.weight[0].to(features.dtype), self.bias[0].to(features.dtype))
-        weight, bias = self.weight[task_ids].to(features.dtype), self.bias[task_ids].to(features.dtype)
-        return torch.einsum("bd,bcd->bc", features, weight) + bias
 
 
 def read_out(tokens: torch.Tensor, readout: str, num_prefix: int, num_prompts: int) -> torch.Tensor:
@@ -58,7 +23,7 @@ def read_out(tokens: torch.Tensor, readout: str, num_prefix: int, num_prompts: i
         return tokens[:, num_prefix + num_prompts :].mean(dim=1)
     if readout == "prompt":
         return tokens[:, num_prefix : num_prefix + num_prompts].mean(dim=1)
-    return tokens.mean(dim=1)
+    return tokens[:, num_prefix:].mean(dim=1)  # "all": prompts and patches, not the class token (the released code)
 
 
 class TaskModel(nn.Module):
@@ -80,6 +45,8 @@ class TaskModel(nn.Module):
         head: the classifier (default a linear :class:`Head`).
         prompts: ready prompts (default: initialised from ``prompt``).
         generator: draws the initial prompts and head.
+        head_init: how a new linear head starts (:class:`~vptune.head.Head`).
+        head_norm: what a new head does to the features first (:class:`~vptune.head.Head`).
         skip_unread: compute no block outputs that nothing reads (False: every token of every block).
     """
 
@@ -96,6 +63,8 @@ class TaskModel(nn.Module):
         head: nn.Module | None = None,
         prompts: Prompts | None = None,
         generator: torch.Generator | None = None,
+        head_init: str = "uniform",
+        head_norm: str = "batchnorm",
         skip_unread: bool = True,
     ):
         super().__init__()
@@ -109,7 +78,10 @@ class TaskModel(nn.Module):
         if prompts is None and prompt.enabled:
             prompts = Prompts(prompt, backbone, preprocessing.image_size, generator=generator)
         self.prompts = prompts
-        self.head: nn.Module = head if head is not None else Head(backbone.width, num_classes, generator=generator)
+        self.head_init, self.head_norm = head_init, head_norm
+        if head is None:
+            head = Head(backbone.width, num_classes, generator=generator, init=head_init, norm=head_norm)
+        self.head: nn.Module = head
         self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
         if len(self.classes) != self.num_classes:
             raise ValueError(f"{len(self.classes)} class names given for a model with {self.num_classes} classes")
@@ -189,7 +161,7 @@ class TaskModel(nn.Module):
         unread = self._unread(index, hidden.shape[1] + config.num_tokens, config.num_tokens, layers)
         if unread is None or not unread[0] <= prefix < prefix + config.num_tokens <= unread[1]:
             return None
-        return self.prompts.tokens(index, task_ids, self.backbone).to(hidden.dtype)
+        return self.prompts.tokens(index, task_ids, self.backbone, hidden.shape[0]).to(hidden.dtype)
 
     def _run_block(
         self, index: int, hidden: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None = None
@@ -245,8 +217,19 @@ class TaskModel(nn.Module):
         return self.head(self.features_from(cached, point, task_ids), task_ids)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the tensors that train: what a task file stores."""
+        """Exactly the tensors that train."""
         return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
+
+    def task_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a task file stores: the tensors that train, and the buffers training updates outside the frozen
+        backbone (an MLP head's batch-norm statistics)."""
+        buffers = {name: buffer.detach() for name, buffer in self.named_buffers() if not name.startswith("backbone.")}
+        return {**self.trainable_state_dict(), **buffers}
+
+    @property
+    def classifier(self) -> Head:
+        """The last linear layer: the head itself, or an MLP head's output layer."""
+        return [module for module in self.head.modules() if isinstance(module, Head)][-1]
 
     def num_trainable(self) -> int:
         """Trainable parameters (prompts, projection, head, and anything else the method unfroze)."""

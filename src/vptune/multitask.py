@@ -149,7 +149,7 @@ def _structure(task: TaskModel) -> str:
 
 
 def _check_servable(task: TaskModel, backbone: Backbone, name: str) -> None:
-    if not _servable(task.method):
+    if not _servable(task.method) or task.backbone.tuned_parameters:
         servable = ", ".join(name for name, method in METHODS.items() if method.servable)
         raise ValueError(
             f"task {name!r} uses method {task.method!r}, which changes the backbone's weights or computation: "

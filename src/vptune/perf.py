@@ -82,9 +82,7 @@ def training_step(args: argparse.Namespace, method: str) -> tuple[torch.nn.Modul
     if method.endswith("-cached"):  # what training on the cached frozen trunk costs per step
         start_point = model.cache_point()
         x = model.trunk(x, start_point)
-    optimizer = make_optimizer(
-        [p for p in model.parameters() if p.requires_grad], TrainConfig(base_lr=0.01).for_method(name)
-    )
+    optimizer = make_optimizer(model, TrainConfig(base_lr=0.01).for_method(name))
     runner = torch.compile(model) if method.endswith("-compiled") else model  # compiled in the warm-up steps
 
     def step(module: torch.nn.Module = runner) -> None:

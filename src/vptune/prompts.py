@@ -124,9 +124,9 @@ class Prompts(nn.Module):
         self.proj = nn.Linear(config.project, backbone.width) if config.project else None
         self.dropout = nn.Dropout(config.dropout)
         self.channel_kernel = None
-        if config.location == "concat-channel":
-            kernel = backbone.patch_embed.weight.detach().mean(dim=1, keepdim=True).flatten(1)
-            self.channel_kernel = nn.Parameter(kernel.unsqueeze(0).repeat(num_tasks, 1, 1).clone())
+        if config.location == "concat-channel":  # the p extra input channels' kernels of the patch embedding
+            kernel_size = config.num_tokens * self.patch_size**2
+            self.channel_kernel = nn.Parameter(torch.empty(num_tasks, backbone.width, kernel_size))
         if not given:
             self.reset_parameters(backbone, generator)
 
@@ -137,7 +137,7 @@ class Prompts(nn.Module):
         if location == "prepend-pixel":
             return self.config.num_tokens, backbone.in_chans * self.patch_size**2
         if location == "concat-channel":
-            return 1, self.image_size**2
+            return self.config.num_tokens, self.image_size**2
         return self.config.num_tokens, width
 
     def reset_parameters(self, backbone: Backbone, generator: torch.Generator | None = None) -> None:
@@ -150,9 +150,13 @@ class Prompts(nn.Module):
                 self.embeddings.normal_(0.0, 0.02, generator=generator)
             else:
                 self.embeddings.zero_()
-            if self.proj is not None:
+            if self.proj is not None:  # as the released code: kaiming fan_out, nn.Linear's bias
                 nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out", generator=generator)
-                self.proj.bias.zero_()
+                bound = 1.0 / math.sqrt(self.proj.in_features)
+                self.proj.bias.uniform_(-bound, bound, generator=generator)
+            if self.channel_kernel is not None:  # new kernels, drawn as the released code draws the channels
+                bound = xavier_bound(backbone.patch_size, backbone.width)
+                self.channel_kernel.uniform_(-bound, bound, generator=generator)
 
     @property
     def num_tasks(self) -> int:
@@ -164,25 +168,28 @@ class Prompts(nn.Module):
         stored = self.embeddings[:, index]
         return stored[:1] if task_ids is None else stored[task_ids]
 
-    def tokens(self, layer: int, task_ids: torch.Tensor | None, backbone: Backbone) -> torch.Tensor:
-        """Prompt tokens at model width for ``layer``, projected and with dropout, shape (1 or B, n, d)."""
+    def tokens(self, layer: int, task_ids: torch.Tensor | None, backbone: Backbone, batch: int) -> torch.Tensor:
+        """Prompt tokens at model width for ``layer``, projected, (1 or B, n, d). While training with prompt dropout,
+        (B, n, d): every sample draws its own mask, as the released code does (pixel prompts have no dropout)."""
         tokens = self.select(layer, task_ids)
         if self.config.location == "prepend-pixel":
             conv = backbone.patch_embed
             patches = tokens.reshape(-1, conv.in_channels, self.patch_size, self.patch_size)
-            tokens = conv(patches.to(conv.weight.dtype)).flatten(1).reshape(tokens.shape[0], tokens.shape[1], -1)
-        elif self.proj is not None:
+            return conv(patches.to(conv.weight.dtype)).flatten(1).reshape(tokens.shape[0], tokens.shape[1], -1)
+        if self.proj is not None:
             tokens = self.proj(tokens)
-        return self.dropout(tokens)
+        if self.training and self.dropout.p > 0:
+            tokens = self.dropout(tokens.expand(batch, -1, -1))
+        return tokens
 
     def patch_delta(self, task_ids: torch.Tensor | None, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        """concat-channel: what the extra input channel adds to each patch token, (1 or B, #patches, d)."""
+        """concat-channel: what the p extra input channels add to each patch token, (1 or B, #patches, d)."""
         if self.config.location != "concat-channel":
             return None
         self._check_size(pixel_values)
-        channel = self.select(0, task_ids).reshape(-1, 1, self.image_size, self.image_size)
+        channels = self.select(0, task_ids).reshape(-1, self.config.num_tokens, self.image_size, self.image_size)
         kernel = self.channel_kernel if task_ids is None else self.channel_kernel[task_ids]
-        patches = F.unfold(channel.to(pixel_values.dtype), self.patch_size, stride=self.patch_size)
+        patches = F.unfold(channels.to(pixel_values.dtype), self.patch_size, stride=self.patch_size)
         return torch.einsum("bkn,bdk->bnd", patches, kernel[: patches.shape[0]].to(patches.dtype))
 
     def _check_size(self, pixel_values: torch.Tensor) -> None:
@@ -204,7 +211,7 @@ class Prompts(nn.Module):
         """Insert (or replace, or add) this layer's prompts; return the new sequence and its prompt count."""
         if self.config.location == "concat-channel":
             return hidden, num_prompts
-        tokens = self.tokens(layer, task_ids, backbone).to(hidden.dtype)
+        tokens = self.tokens(layer, task_ids, backbone, hidden.shape[0]).to(hidden.dtype)
         if self.config.location == "add":
             if tokens.shape[1] != hidden.shape[1]:
                 raise ValueError(

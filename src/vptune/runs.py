@@ -21,6 +21,7 @@ from .config import check_fields, from_dict, to_dict
 from .data import TaskData, open_task
 from .distributed import is_main
 from .engine import TrainConfig, fit
+from .head import HEAD_INITS, HEAD_NORMS
 from .methods import build, get_method
 from .model import TaskModel
 from .prompts import PromptConfig
@@ -42,6 +43,8 @@ class RunSpec:
         prompt: the prompt configuration (None: the method's defaults).
         options: the method's options (e.g. ``{"reduction": 8}`` for ``adapter``).
         train: the training configuration.
+        head_init: how the head starts: ``uniform`` (nn.Linear's range) or ``released`` (the released code's).
+        head_norm: ``batchnorm`` (a batch norm without affine on the features the head reads) or ``none``.
     """
 
     data: str
@@ -51,6 +54,8 @@ class RunSpec:
     prompt: PromptConfig | None = None
     options: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    head_init: str = field(default="uniform", metadata={"choices": HEAD_INITS})
+    head_norm: str = field(default="batchnorm", metadata={"choices": HEAD_NORMS})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -68,6 +73,8 @@ class RunSpec:
             "prompt": to_dict(self.prompt) if self.prompt is not None else None,
             "options": dict(self.options),
             "train": to_dict(self.train),
+            "head_init": self.head_init,
+            "head_norm": self.head_norm,
         }
 
     @classmethod
@@ -183,7 +190,8 @@ def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, T
     backbone = backbone or shared_backbone(spec.backbone)
     model = build(
         spec.method, backbone, task.num_classes, spec.prompt, spec.image_size, spec.train.seed,
-        classes=task.classes, protocol=task.protocol, **spec.options,
+        classes=task.classes, protocol=task.protocol, head_init=spec.head_init,
+        head_norm=spec.head_norm, **spec.options,
     )  # fmt: skip
     return task, model
 

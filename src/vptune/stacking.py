@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .model import Head, TaskModel
+from .head import Head
+from .model import TaskModel
 from .prompts import Prompts
 
 
@@ -29,11 +30,7 @@ def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
     if first.prompts is not None:
         embeddings = torch.cat([model.prompts.embeddings.detach() for model in models])
         prompts = Prompts(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)
-    head = None
-    if heads:
-        weight = torch.cat([model.head.weight.detach() for model in models])
-        bias = torch.cat([model.head.bias.detach() for model in models])
-        head = Head(first.backbone.width, first.num_classes, weight=weight, bias=bias)
+    head = Head.stacked([model.head for model in models]) if heads else None
     stacked = TaskModel(
         first.backbone, first.num_classes if heads else 1, first.prompt_config, first.preprocessing,
         method=first.method, prompts=prompts, head=head,
@@ -43,9 +40,10 @@ def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
 
 @torch.no_grad()
 def unstack(stacked: TaskModel, models: list[TaskModel]) -> None:
-    """Copy task k of a stacked model's prompts and head back into ``models[k]``."""
+    """Copy task k of a stacked model's prompts and head (its statistics too) back into ``models[k]``."""
+    rows = stacked.head.state_dict()
     for k, model in enumerate(models):
         if model.prompts is not None:
             model.prompts.embeddings.copy_(stacked.prompts.embeddings[k : k + 1])
-        model.head.weight.copy_(stacked.head.weight[k : k + 1])
-        model.head.bias.copy_(stacked.head.bias[k : k + 1])
+        for name, tensor in model.head.state_dict().items():
+            tensor.copy_(rows[name][k : k + 1])

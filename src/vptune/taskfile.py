@@ -37,7 +37,8 @@ def save_task(
     metrics: dict | None = None,
     data: TaskData | None = None,
 ) -> Path:
-    """Write a task folder: ``vptune.json`` and ``weights.safetensors`` holding only the trained tensors.
+    """Write a task folder: ``vptune.json`` and ``weights.safetensors`` holding only what training changed (the trained
+    tensors, and an MLP head's batch-norm statistics).
 
     Both files are written to temporary names and renamed, so an interrupted save leaves the old files whole.
 
@@ -54,7 +55,7 @@ def save_task(
     classes = list(classes or model.classes)
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names given for a model with {model.num_classes} classes")
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.trainable_state_dict().items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.task_state_dict().items()}
     backbone = model.backbone.record()
     _atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=_metadata(model, backbone)))
     record = {
@@ -70,7 +71,7 @@ def save_task(
         "data": {"name": data.name, "path": str(data.root), "layout": data.layout} if data else None,
         "backbone": backbone,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
-        "trainable_parameters": sum(t.numel() for t in tensors.values()),
+        "trainable_parameters": model.num_trainable(),
         "train_config": train_config,
         "metrics": metrics or {},
     }
@@ -83,6 +84,8 @@ def _head_record(model: TaskModel) -> dict:
     kind = "mlp" if hidden else "linear"
     return {
         "type": kind,
+        "init": model.head_init,
+        "norm": model.head_norm,
         "layers": len(hidden) + 1,
         "in_features": model.backbone.width,
         "out_features": model.num_classes,
@@ -141,6 +144,8 @@ def load_task(
         prompt=prompt,
         classes=record["classes"],
         preprocessing=Preprocessing.from_record(record["preprocessing"]),
+        head_init=(record.get("head") or {}).get("init", "uniform"),
+        head_norm=(record.get("head") or {}).get("norm", "none"),  # task files before it existed had none
         **record.get("options", {}),
     )
     model.load_state_dict(_read_tensors(Path(path), model), strict=False)
@@ -162,7 +167,7 @@ def _read_tensors(folder: Path, model: TaskModel) -> dict[str, torch.Tensor]:
     file = folder / WEIGHTS
     if not file.is_file():
         raise TaskFileError(f"{file} is missing: the task folder is incomplete")
-    expected = model.trainable_state_dict()
+    expected = model.task_state_dict()
     try:
         with safe_open(str(file), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}

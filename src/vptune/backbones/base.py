@@ -68,8 +68,9 @@ class Backbone(nn.Module):
         self._paths: dict[type, dict[str, str]] = {}
         self._num_parameters = sum(p.numel() for p in model.parameters())
         self.tuned_parameters = 0
+        self.dropout_in_training = False  # full fine-tuning keeps the model's own dropout (see own_copy)
         model.requires_grad_(False)
-        model.eval()
+        self.train(False)
 
     # --- what each family provides -------------------------------------------------------------
     @classmethod
@@ -148,7 +149,7 @@ class Backbone(nn.Module):
         block = self.blocks[index]
         if skip is None and context is None:
             return whole_block(block, tokens)
-        if type(block).__name__ in self.block_classes:
+        if type(block).__name__ in self.block_classes and not self.training:  # (training: the block's own dropout)
             return self._pre_norm_block(block, tokens, skip, context)
         length = tokens.shape[1]  # an undeclared layout: the whole block on everything, then the selection
         if context is not None:
@@ -230,16 +231,23 @@ class Backbone(nn.Module):
         )
 
     def train(self, mode: bool = True) -> Backbone:
-        """The backbone stays in eval mode (its dropout off), whatever the mode of the model around it."""
-        super().train(False)
+        """The backbone stays in eval mode (its dropout off), whatever the mode of the model around it; a copy made
+        with ``dropout_in_training`` (full fine-tuning) follows the model's mode, its own dropout as configured."""
+        super().train(mode and self.dropout_in_training)
         return self
 
-    def own_copy(self, trains: Callable[[str], bool] = lambda name: False) -> Backbone:
+    def names_of(self, module: nn.Module) -> set[str]:
+        """``named_parameters()`` names (relative to this backbone) of ``module``'s parameters."""
+        ids = {id(p) for p in module.parameters()}
+        return {name for name, p in self.named_parameters() if id(p) in ids}
+
+    def own_copy(self, trains: Callable[[str], bool] = lambda name: False, dropout: bool = False) -> Backbone:
         """A copy for one model: frozen tensors shared, tensors named by ``trains`` copied and unfrozen.
 
         A method that changes the backbone's weights or computation works on such a copy, never on the backbone
-        it was given (other tasks share it). ``trains(name)`` is asked for each ``named_parameters()`` name. The
-        copy keeps this backbone's fingerprint: task files record the pretrained weights a task started from.
+        it was given (other tasks share it). ``trains(name)`` is asked for each ``named_parameters()`` name; with
+        ``dropout`` the copy runs its own dropout while the model trains. The copy keeps this backbone's
+        fingerprint: task files record the pretrained weights a task started from.
         """
         self.fingerprint()  # cached before copying, so the copy reports the pretrained weights
         chosen = {name for name, _ in self.named_parameters() if trains(name)}
@@ -249,6 +257,7 @@ class Backbone(nn.Module):
         for name, param in clone.named_parameters():
             param.requires_grad_(name in chosen)
         clone.tuned_parameters = sum(p.numel() for name, p in clone.named_parameters() if name in chosen)
+        clone.dropout_in_training = dropout
         return clone
 
     def fingerprint(self) -> str:

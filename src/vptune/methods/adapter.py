@@ -41,7 +41,8 @@ def _adapter(context: BuildContext) -> TaskModel:
 
 
 class Adapter(nn.Module):
-    """Bottleneck ``h + up(relu(down(h)))``, d -> d/r -> d; ``up`` starts at zero, so it starts as the identity.
+    """Bottleneck ``h + up(gelu(down(h)))`` (Pfeiffer, as the released code), d -> d/r -> d; ``up`` starts at zero,
+    so it starts as the identity.
 
     Only the up-projection is zeroed: ``down`` keeps nn.Linear's random init, so ``up`` gets a gradient at the
     first step and ``down`` from the second on (zeroing both, as the released VPT code does, never learns).
@@ -62,7 +63,7 @@ class Adapter(nn.Module):
             self.up.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.up(F.relu(self.down(hidden)))
+        return hidden + self.up(F.gelu(self.down(hidden)))
 
 
 class AdapterAfter(nn.Module):

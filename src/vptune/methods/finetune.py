@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from ..backbones import Backbone
 from ..model import TaskModel
 from .registry import ADAMW_LR_GRID, BuildContext, register
 from .vpt import bias_backbone
@@ -16,8 +13,10 @@ from .vpt import bias_backbone
     perf_rows=("",),
 )  # fmt: skip
 def _full(context: BuildContext) -> TaskModel:
-    # DINOv2's mask token serves masked pretraining only: no forward pass uses it, so it stays frozen
-    return context.model(backbone=context.backbone.own_copy(lambda name: not name.endswith("mask_token")))
+    # DINOv2's mask token serves masked pretraining only: no forward pass uses it, so it stays frozen. The model's
+    # own dropout runs while it trains, as the released code's end-to-end training
+    trains = lambda name: not name.endswith("mask_token")  # noqa: E731
+    return context.model(backbone=context.backbone.own_copy(trains, dropout=True))
 
 
 @register("partial-<k>", "the last k blocks and the final norm train")
@@ -25,17 +24,11 @@ def _partial(context: BuildContext) -> TaskModel:
     backbone, k = context.backbone, context.k
     if k > backbone.depth:
         raise ValueError(f"partial-{k}: the backbone has only {backbone.depth} blocks")
-    names = set().union(*(_names(backbone, backbone.blocks[i]) for i in range(backbone.depth - k, backbone.depth)))
-    names |= _names(backbone, backbone.norm)
+    names = set().union(*(backbone.names_of(backbone.blocks[i]) for i in range(backbone.depth - k, backbone.depth)))
+    names |= backbone.names_of(backbone.norm)
     return context.model(backbone=backbone.own_copy(names.__contains__))
 
 
 @register("bias", "only the backbone's bias terms (and the head) train (BitFit)", perf_rows=("",))
 def _bias(context: BuildContext) -> TaskModel:
     return context.model(backbone=bias_backbone(context))
-
-
-def _names(backbone: Backbone, module: nn.Module) -> set[str]:
-    """``named_parameters()`` names (relative to ``backbone``) of ``module``'s parameters."""
-    ids = {id(p) for p in module.parameters()}
-    return {name for name, p in backbone.named_parameters() if id(p) in ids}

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import to_dict
+from ..head import HEAD_INITS, HEAD_NORMS
 from ..model import TaskModel
 from ..preprocessing import Preprocessing
 from ..prompts import PromptConfig
@@ -40,6 +41,8 @@ class BuildContext:
         options: the method's options dataclass instance (None when it has none).
         k: the ``<k>`` of a templated name (``mlp-3``: 3), else None.
         classes: class names, or None.
+        head_init: how a new linear head starts (:data:`vptune.head.HEAD_INITS`).
+        head_norm: what the head does to the features first (:data:`vptune.head.HEAD_NORMS`).
     """
 
     method: Method
@@ -52,6 +55,8 @@ class BuildContext:
     options: Any
     k: int | None
     classes: list[str] | None
+    head_init: str = "uniform"
+    head_norm: str = "batchnorm"
 
     @property
     def readout(self) -> str:
@@ -78,6 +83,8 @@ class BuildContext:
             classes=self.classes,
             head=head,
             generator=self.generator,
+            head_init=self.head_init,
+            head_norm=self.head_norm,
             **extra,
         )
 
@@ -192,6 +199,8 @@ def build(
     classes: list[str] | None = None,
     protocol: str = "vtab",
     preprocessing: Preprocessing | None = None,
+    head_init: str = "uniform",
+    head_norm: str = "batchnorm",
     **options: Any,
 ) -> TaskModel:
     """Build a model for one task with a tuning method.
@@ -207,9 +216,16 @@ def build(
         protocol: ``"vtab"`` (square resize) or ``"fgvc"`` (resize, crop; random crops and flips to train);
             :attr:`vptune.data.TaskData.protocol` says which a task uses.
         preprocessing: the whole :class:`Preprocessing` instead of ``image_size`` and ``protocol``.
+        head_init: ``"uniform"`` (nn.Linear's range, the default) or ``"released"`` (the released code's kaiming
+            fan-out weight and -log(99) bias); see docs/fidelity.md.
+        head_norm: ``"batchnorm"`` (a batch norm without affine on the features the head reads, the default) or
+            ``"none"`` (the paper); see docs/fidelity.md.
         **options: the method's options (e.g. ``reduction=8`` for ``adapter``; :attr:`Method.options`).
     """
     spec, k = get_method(method)
+    for name, value, choices in (("head_init", head_init, HEAD_INITS), ("head_norm", head_norm, HEAD_NORMS)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     num_classes = num_classes if num_classes is not None else len(classes or [])
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -219,7 +235,7 @@ def build(
     _check_patch_size(preprocessing.image_size, backbone.patch_size)
     context = BuildContext(
         spec, method, backbone, num_classes, prompt, preprocessing, torch.Generator().manual_seed(seed),
-        spec.make_options(options), k, classes,
+        spec.make_options(options), k, classes, head_init, head_norm,
     )  # fmt: skip
     return spec.builder(context)
 

@@ -15,10 +15,19 @@ VPT_DEMO = {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.1}
 
 
 def prompted_model(context: BuildContext, deep: bool, backbone=None) -> TaskModel:
-    """The asked (or default) prompts, shallow or deep, on ``backbone`` (default the shared one)."""
+    """The asked (or default) prompts, shallow or deep, on ``backbone`` (default the shared one).
+
+    ``concat-channel`` prompts widen the patch embedding, which then trains whole (as the released code does): on
+    a copy of the backbone.
+    """
     prompt = context.prompt or PromptConfig(**(DEEP_PROMPT if deep else SHALLOW_PROMPT))
     if not deep and prompt.layers is not None and len(prompt.layers) > 1:
         raise ValueError("vpt-shallow prompts one block: give at most one layer, or use vpt-deep")
+    backbone = backbone or context.backbone
+    if prompt.location == "concat-channel":
+        embedding = backbone.names_of(backbone.patch_embed)
+        trained = {name for name, p in backbone.named_parameters() if p.requires_grad}  # e.g. vpt-deep+bias's
+        backbone = backbone.own_copy(lambda name: name in embedding or name in trained)
     return context.model(dataclasses.replace(prompt, deep=deep), backbone=backbone)
 
 

@@ -31,6 +31,9 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
     if not tests:
         raise RuntimeError(f"every final run of {plan.method} on {plan.data} diverged: lower the lr grid")
     first = next(r for r in finals if r["metrics"].get("test_accuracy") is not None)
+    chosen = next((r for r in grid if r["entry"]["setting"] == choice), None)
+    grid_train = chosen["metrics"].get("train_accuracy") if chosen else None
+    final_train = [r["metrics"].get("train_accuracy") for r in finals]
     return {
         "data": plan.data,
         "method": plan.method,
@@ -44,6 +47,9 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
         "test_accuracy": tests,
         "test_mean": statistics.fmean(tests),
         "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+        "grid_train_accuracy": grid_train,
+        "final_train_accuracy": final_train,
+        "collapsed_seeds": _collapsed(grid_train, final_train),
         "trainable_parameters": first["trainable_parameters"],
         "backbone_parameters": first["backbone_parameters"],
         "tuned_parameters": first["tuned_parameters"],
@@ -51,6 +57,16 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
         "runs": [r["entry"]["id"] for r in grid + finals],
         "library": first["library"],
     }
+
+
+COLLAPSE_MARGIN = 0.05  # a final run that trains 5 points worse than its grid run (same setting) broke down
+
+
+def _collapsed(grid_train: float | None, final_train: list[float | None]) -> list[int]:
+    """The seeds whose final run trained more than ``COLLAPSE_MARGIN`` below the grid run of the same setting."""
+    if grid_train is None:
+        return []
+    return [seed for seed, train in enumerate(final_train) if train is None or train < grid_train - COLLAPSE_MARGIN]
 
 
 def summary_markdown(result: dict) -> str:
@@ -76,4 +92,10 @@ def summary_markdown(result: dict) -> str:
         f"**{100 * result['test_mean']:.2f}** ± {100 * result['test_std']:.2f}.",
         "",
     ]
+    if result.get("collapsed_seeds"):
+        lines += [
+            f"Warning: the final run of seed(s) {result['collapsed_seeds']} trained more than "
+            f"{100 * COLLAPSE_MARGIN:.0f} points below the grid run of the same setting: a collapse, not a result.",
+            "",
+        ]
     return "\n".join(lines)
