@@ -1,7 +1,6 @@
-"""``vptune train``, ``demo`` and ``sweep`` train the same tensors as the code before the "One house" restructuring.
-
-The reference files in ``tests/golden/`` were written by ``tests/golden/make_golden.py`` at commit b8c8f76; the runs
-here repeat its commands on the same tiny stored backbone and task.
+"""``vptune train``, ``demo`` and ``sweep`` train the tensors stored in ``tests/golden/`` (see make_golden.py for when
+they were written and why): a change of what training computes shows here. The runs repeat its commands on the same
+tiny stored backbone and task.
 """
 
 from __future__ import annotations
