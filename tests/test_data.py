@@ -24,7 +24,7 @@ from vptune.data import (
     read_split,
     resolve_data,
 )
-from vptune.preprocessing import Preprocessing, normalize
+from vptune.preprocessing import Preprocessing, normalize, to_rgb
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -212,12 +212,85 @@ def test_vtab_shapes(tmp_path: Path) -> None:
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 0
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
-def test_non_rgb_becomes_three_channels(tmp_path: Path, mode: str) -> None:
-    stored = Preprocessing(8).decode(save_image(tmp_path / "x.png", mode=mode))
-    assert stored.shape == (3, 8, 8) and stored.dtype == torch.uint8
-    if mode == "L":
-        assert torch.equal(stored[0], stored[1]) and torch.equal(stored[1], stored[2])
+def decoded(path: Path) -> np.ndarray:
+    """What the pipeline makes of a 4x4 image file: (4, 4, 3) uint8 (no resize at its own size)."""
+    return Preprocessing(4).decode(path).permute(1, 2, 0).numpy()
+
+
+RNG = np.random.default_rng(0)
+GREY = RNG.integers(0, 256, (4, 4), dtype=np.uint8)
+COLOUR = RNG.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+ALPHA = RNG.integers(0, 256, (4, 4), dtype=np.uint8)
+DEEP = RNG.integers(0, 65536, (4, 4), dtype=np.uint16)
+
+
+def over_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None].astype(np.float64) / 255
+    return colour * a + 255 * (1 - a)
+
+
+# mode: (how the file is made, what it must decode to, tolerance)
+MODES = {
+    "L": (lambda: Image.fromarray(GREY), lambda: np.repeat(GREY[..., None], 3, 2), 0),
+    "I;16": (lambda: Image.fromarray(DEEP), lambda: np.repeat(np.rint(DEEP / 257.0)[..., None], 3, 2), 0),
+    "RGB": (lambda: Image.fromarray(COLOUR), lambda: COLOUR, 0),
+    "RGBA": (
+        lambda: Image.fromarray(np.dstack([COLOUR, ALPHA])),
+        lambda: over_white(COLOUR, ALPHA),
+        1,
+    ),
+    "LA": (
+        lambda: Image.fromarray(np.dstack([GREY, ALPHA])).convert("LA"),
+        lambda: over_white(np.repeat(GREY[..., None], 3, 2), ALPHA),
+        1,
+    ),
+    "P": (
+        lambda: Image.fromarray(COLOUR).quantize(8),
+        lambda: np.asarray(Image.fromarray(COLOUR).quantize(8).convert("RGB")),
+        0,
+    ),
+    "CMYK": (
+        lambda: Image.fromarray(COLOUR).convert("CMYK"),
+        lambda: np.asarray(Image.fromarray(COLOUR).convert("CMYK").convert("RGB")),
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_image_mode_decodes_to_what_it_shows(tmp_path: Path, mode: str) -> None:
+    make, expected, tolerance = MODES[mode]
+    image = make()
+    assert image.mode == mode
+    image.save(tmp_path / "x.tiff" if mode == "CMYK" else tmp_path / "x.png")
+    got = decoded(tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")).astype(int)
+    assert np.abs(got - np.asarray(expected()).astype(int)).max() <= tolerance
+
+
+def test_sixteen_bit_greyscale_is_not_white(tmp_path: Path) -> None:
+    """PIL's own conversion clips 16-bit values to 255: a dark 16-bit photo would decode all white."""
+    Image.fromarray(np.full((4, 4), 12000, dtype=np.uint16)).save(tmp_path / "dark.png")
+    assert np.all(decoded(tmp_path / "dark.png") == round(12000 / 257))
+
+
+def test_an_animation_decodes_to_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=10)
+    pixels = decoded(tmp_path / "a.gif")
+    assert pixels[..., 0].min() > 200 and pixels[..., 2].max() < 50
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A phone photo stored sideways with orientation 6 (turn 90 degrees clockwise to view)."""
+    stored = np.zeros((2, 4, 3), dtype=np.uint8)  # 4 wide, 2 high, as stored
+    stored[0, 0] = (255, 0, 0)  # the stored top-left pixel
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.png", exif=exif)
+    shown = np.asarray(to_rgb(Image.open(tmp_path / "phone.png")))
+    assert shown.shape == (4, 2, 3)  # upright: 2 wide, 4 high
+    assert shown[0, 1, 0] > 200 and shown[0, 0, 0] < 60  # the red corner is now top-right
 
 
 def test_fgvc_stored_form_is_shorter_side_resize_then_centre_square(tmp_path: Path) -> None:
@@ -358,3 +431,35 @@ def test_augmented_or_oversized_splits_stream_through_a_data_loader(monkeypatch)
     assert isinstance(_loaders(dataset)[1], DataLoader)
     monkeypatch.setattr(data, "RESIDENT_LIMIT", 8 * 3 * 16 * 16)
     assert isinstance(_loaders(dataset)[1], data.ResidentBatches)
+
+
+@pytest.mark.parametrize("label", ["1_0", "\u0663", "+1", "1.0", "-1", "0x1"])
+def test_labels_are_plain_digits(tmp_path: Path, label: str) -> None:
+    """Python's int() reads "1_0" as 10 and an Arabic-Indic three as 3: a list file must say what it means."""
+    root = make_vtab(tmp_path)
+    (root / "train800.txt").write_text(f"images/img_000.png {label}\n")
+    with pytest.raises(DataError, match=r"train800\.txt:1: expected '<image path> <integer label>'"):
+        read_split(open_task(root), "train")
+
+
+@pytest.mark.parametrize("entry", ["../outside.png", "/etc/hosts", "images/../../outside.png"])
+@pytest.mark.parametrize("layout", ["vtab", "fgvc"])
+def test_list_entries_stay_inside_the_task_folder(tmp_path: Path, layout: str, entry: str) -> None:
+    root = BUILDERS[layout](tmp_path / "task")
+    save_image(tmp_path / "outside.png")
+    if layout == "vtab":
+        (root / "train800.txt").write_text(f"{entry} 0\n")
+        where = "train800.txt:1"
+    else:
+        (root / "train.json").write_text(json.dumps({entry: 0}))
+        where = "train.json:1"
+    with pytest.raises(DataError, match=f"{where}: .* points outside the task folder"):
+        read_split(open_task(root), "train")
+
+
+def test_an_empty_class_folder_is_refused(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "task")
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="class folder .*empty holds no images"):
+        read_split(open_task(root), "train")

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
@@ -42,6 +43,7 @@ SPLIT_SOURCES = {
     },
     "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)},
 }
+LABEL = re.compile("[0-9]+")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this and the split is refused, not silently shrunk
 PROGRESS_MIN_IMAGES = 200
@@ -164,10 +166,9 @@ def _read_list(path: Path, text: str) -> list[tuple[str, int, str]]:
         if not line.strip():
             continue
         parts = line.strip().rsplit(maxsplit=1)
-        try:
-            entries.append((parts[0], int(parts[1]), f"{path}:{lineno}"))
-        except (IndexError, ValueError):
-            raise DataError(f"{path}:{lineno}: expected '<image path> <integer label>', got {line!r}") from None
+        if len(parts) != 2 or not LABEL.fullmatch(parts[1]):  # plain digits: int() would take "1_0" and "٣"
+            raise DataError(f"{path}:{lineno}: expected '<image path> <integer label>', got {line!r}")
+        entries.append((parts[0], int(parts[1]), f"{path}:{lineno}"))
     return entries
 
 
@@ -198,9 +199,24 @@ def _read_folder(folder: Path, classes: list[str]) -> list[tuple[str, int, str]]
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if class_dir.name not in index:
             raise DataError(f"class folder {class_dir} is not a class of the task (classes: {classes}); rename it")
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        entries += [(str(p), index[class_dir.name], str(class_dir)) for p in files if not p.name.startswith(".")]
+        files = [p for p in sorted(class_dir.rglob("*")) if _is_image(p)]
+        if not files:
+            raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                            "add its images or remove the folder")  # fmt: skip
+        entries += [(str(p), index[class_dir.name], str(class_dir)) for p in files]
     return entries
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
+def _inside(root: Path, relative: str, where: str) -> Path:
+    """``root / relative``, refusing a path that leaves the task folder (absolute, or climbing out with ``..``)."""
+    pure = PurePath(relative)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise DataError(f"{where}: {relative!r} points outside the task folder {root}; list images inside it")
+    return root / pure
 
 
 def read_split(task: TaskData, split: str) -> list[tuple[Path, int]]:
@@ -226,12 +242,13 @@ def read_split(task: TaskData, split: str) -> list[tuple[Path, int]]:
         else:
             entries = _read_entries(root / source)
         for rel, label, where in entries:
+            path = Path(rel) if task.layout == "imagefolder" else _inside(root, rel, where)
             if not 0 <= label < task.num_classes:
                 raise DataError(
                     f"{where}: label {label} outside 0..{task.num_classes - 1} ({task.num_classes} classes in "
                     f"{root / 'classes.txt'}); fix the label or add the class"
                 )
-            items.append((root / rel, label))
+            items.append((path, label))
     if not items:
         raise DataError(f"split {split!r} of {root} lists no images ({', '.join(SPLIT_SOURCES[task.layout][split])})")
     return items

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
 
@@ -72,7 +72,7 @@ class Preprocessing:
         size = self.stored_size
         try:
             with Image.open(source) as opened:
-                image = opened.convert("RGB")
+                image = to_rgb(opened)
         except _DECODE_ERRORS as err:
             raise DataError(f"cannot read image {source}: {err}. Replace the file or remove it from the split") from err
         if self.protocol == "vtab":
@@ -120,6 +120,35 @@ class Preprocessing:
         """From a task file's ``preprocessing``."""
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in record.items() if key in known})
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB, as it looks: the EXIF orientation applied (phone photos), an animation's first frame,
+    16-bit and float greyscale scaled to 8 bits (PIL's own conversion clips them to white), transparency laid over a
+    white background."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in HIGH_DEPTH_MODES:
+        image = Image.fromarray(_eight_bits(np.asarray(image), image.mode))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def _eight_bits(values: np.ndarray, mode: str) -> np.ndarray:
+    """Greyscale of more than 8 bits as uint8: 16-bit modes scaled from 0..65535; 32-bit integers likewise unless
+    they stay within 0..255 (then already 8-bit values); floats from 0..1, or clipped to 0..255 beyond that."""
+    values = values.astype(np.float64)
+    if mode == "F":
+        scale = 255.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if mode.startswith("I;16") or (values.size and values.max() > 255) else 1.0
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
