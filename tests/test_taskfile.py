@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 
 import vptune
 from vptune import PromptConfig, TaskFileError
+from vptune.cli import main
 from vptune.taskfile import RECORD, WEIGHTS
 
 CLASSES = ["cat", "dog", "fox"]
@@ -136,7 +139,7 @@ DAMAGE = {
     ),
     "tensor missing": (
         lambda f: save_file({"head.weight": torch.zeros(1, 3, WIDTH), "head.bias": torch.zeros(1, 3)}, f / WEIGHTS),
-        r"missing \['head\.norm\.running_mean', 'head\.norm\.running_var', 'prompts\.embeddings'\]",
+        r"missing \['head\.norm\.running_mean', 'head\.norm\.running_var', 'prompts\.embeddings'\], unexpected \[\]",
     ),
     "other method": (lambda f: edit_record(f, lambda r: r.update(method="linear")), r"unexpected \['prompts"),
 }
@@ -161,3 +164,63 @@ def test_unknown_record_keys_warn_and_load(tmp_path: Path, backbone: vptune.Back
     x = pixels(backbone, 2)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+# A damaged vptune.json: (the change, the words of the one-line error)
+FIELD_DAMAGE = {
+    "no method": (lambda r: r.pop("method"), "field 'method' (the method's name) is missing"),
+    "no backbone": (lambda r: r.pop("backbone"), "field 'backbone' (the backbone it was trained on) is missing"),
+    "no prompt": (lambda r: r.pop("prompt"), "field 'prompt' (the prompt configuration) is missing"),
+    "no classes": (lambda r: r.pop("classes"), "field 'classes' (the class names) is missing"),
+    "no preprocessing": (lambda r: r.pop("preprocessing"), "field 'preprocessing' (how images become input)"),
+    "no num_classes": (lambda r: r.pop("num_classes"), "field 'num_classes' (the number of classes) is missing"),
+    "no fingerprint": (lambda r: r["backbone"].pop("fingerprint"), "field 'backbone.fingerprint' is missing"),
+    "method a list": (lambda r: r.update(method=["vpt-deep"]), "field 'method' must be a str"),
+    "classes a string": (lambda r: r.update(classes="cat,dog,fox"), "field 'classes' must be a list"),
+    "num_classes text": (lambda r: r.update(num_classes="3"), "field 'num_classes' must be a int"),
+    "image size text": (lambda r: r["preprocessing"].update(image_size="16"), "'preprocessing.image_size' must be"),
+    "too few class names": (lambda r: r.update(classes=["cat"]), "'classes' must be 3 class names"),
+    "record a list": (lambda r: r.clear(), "field 'method'"),
+    "prompt value wrong": (lambda r: r["prompt"].update(num_tokens="four"), "num_tokens must be int"),
+    "unknown option": (lambda r: r.update(options={"rank": 2}), "does not take options"),
+}
+
+
+@pytest.mark.parametrize("case", FIELD_DAMAGE)
+def test_a_damaged_record_is_one_line_naming_the_field(tmp_path: Path, case: str, capsys) -> None:
+    change, words = FIELD_DAMAGE[case]
+    backbone = tiny_backbone("dinov2")
+    vptune.save_task(trained(backbone, "vpt-deep", PromptConfig(num_tokens=4)), tmp_path, classes=CLASSES)
+    edit_record(tmp_path, change)
+    with pytest.raises(TaskFileError, match=re.escape(words)) as error:
+        vptune.load_task(tmp_path, backbone=backbone)
+    assert "\n" not in str(error.value) and str(tmp_path) in str(error.value)
+    for argv in (["inspect", str(tmp_path)], ["predict", str(tmp_path), str(tmp_path / RECORD)]):
+        assert main(argv) == 1  # an error line, no traceback
+        assert words.split("'")[0] in capsys.readouterr().err
+
+
+def test_inspect_checks_the_weights(tmp_path: Path, capsys) -> None:
+    vptune.save_task(trained(tiny_backbone("vit"), "linear", None), tmp_path, classes=CLASSES)
+    assert main(["inspect", str(tmp_path)]) == 0
+    capsys.readouterr()
+    data = (tmp_path / WEIGHTS).read_bytes()
+    (tmp_path / WEIGHTS).write_bytes(data[: len(data) - 16])  # the last tensor's bytes cut short
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "declared inconsistently with the file" in capsys.readouterr().err
+
+
+def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path: Path) -> None:
+    """A 3 KB record declaring 2,000,000 classes must not make vptune allocate a 2,000,000-row head."""
+    backbone = tiny_backbone("vit")
+    vptune.save_task(trained(backbone, "linear", None), tmp_path, classes=CLASSES)
+    edit_record(tmp_path, lambda r: r.update(num_classes=2_000_000, classes=[str(i) for i in range(2_000_000)]))
+    tracemalloc.start()
+    with pytest.raises(TaskFileError, match="the head has \\[3\\] classes, vptune.json says 2000000"):
+        vptune.load_task(tmp_path, backbone=backbone)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * 2**20  # the record's own list of names, not a head of 2e6 x d floats (3 GB at d = 384)
+    edit_record(tmp_path, lambda r: r.update(num_classes=3, classes=CLASSES, tensors={"head.weight": [1, 9, 32]}))
+    with pytest.raises(TaskFileError, match="does not hold the tensors"):
+        vptune.load_task(tmp_path, backbone=backbone)

@@ -23,7 +23,8 @@ from .multitask import MultiTask
 from .preprocessing import Preprocessing
 from .prompts import PromptConfig
 from .runs import RunResult, RunSpec, run
-from .taskfile import TaskFileError, load_task, read_record, save_task
+from .taskcheck import TaskFileError
+from .taskfile import load_task, read_record, save_task
 
 __all__ = [
     "Backbone",

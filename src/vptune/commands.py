@@ -21,7 +21,7 @@ from .report import file_bytes, human_bytes, markdown_table, params_multiple, ta
 from .runs import RunResult, RunSpec, run
 from .serve import ServeConfig, serve_folders
 from .sweep import SUMMARY_FILE, make_executor, plan_sweep, run_sweep
-from .taskfile import load_task, read_record
+from .taskfile import check_task, load_task, read_record
 
 
 def train(args: argparse.Namespace) -> int:
@@ -74,8 +74,9 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    """Method, trainable parameters and their share of the backbone, file bytes, backbone, metrics."""
-    record = read_record(args.run_dir)
+    """Method, trainable parameters and their share of the backbone, file bytes, backbone, metrics; the weights file is
+    checked against the record (a damaged folder is an error)."""
+    record = check_task(args.run_dir)
     summary = task_summary(record, Path(args.run_dir))
     if args.json:
         print(json.dumps(summary, indent=2))

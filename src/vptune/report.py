@@ -40,7 +40,8 @@ def params_multiple(record: dict, tasks: int = PAPER_TASKS) -> float:
 
 def task_summary(record: dict, folder: Path) -> dict:
     """What ``vptune inspect`` shows: method, trainable share, bytes, backbone, metrics."""
-    trainable, backbone = record["trainable_parameters"], record["backbone"]
+    backbone = record["backbone"]
+    trainable = record.get("trainable_parameters") or 0
     prompt = record.get("prompt", {})
     return {
         "method": record["method"],
@@ -51,11 +52,11 @@ def task_summary(record: dict, folder: Path) -> dict:
         "percent_of_backbone": round(100 * trainable / backbone["parameters"], 4),
         "file_bytes": file_bytes(folder),
         f"total_params_{PAPER_TASKS}_tasks": f"{params_multiple(record):.2f}x",
-        "backbone": f"{backbone['spec']} ({backbone['family']}, {backbone['parameters']:,} params, "
+        "backbone": f"{backbone['spec']} ({backbone.get('family', '?')}, {backbone['parameters']:,} params, "
         f"fingerprint {backbone['fingerprint']})",
         "data": (record.get("data") or {}).get("name"),
         "metrics": {k: v for k, v in (record.get("metrics") or {}).items() if "accuracy" in k or k == "epoch"},
-        "vptune_version": record["library"]["version"],
+        "vptune_version": (record.get("library") or {}).get("version"),
     }
 
 

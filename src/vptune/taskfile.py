@@ -14,18 +14,15 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .config import from_dict, to_dict
 from .data import TaskData
-from .methods import build
+from .methods import build, get_method
 from .model import TaskModel
 from .preprocessing import Preprocessing
 from .prompts import PromptConfig
+from .taskcheck import TaskFileError, check_record, check_weights
 
 RECORD = "vptune.json"
 WEIGHTS = "weights.safetensors"
 FORMAT = 1
-
-
-class TaskFileError(ValueError):
-    """A task folder that cannot be loaded as asked; the message says why and what to do."""
 
 
 def save_task(
@@ -114,9 +111,9 @@ def read_record(path: str | os.PathLike) -> dict:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise TaskFileError(f"{file} is not valid JSON ({error}); the task folder is damaged") from error
-    if record.get("format", 0) > FORMAT:
+    if isinstance(record, dict) and isinstance(record.get("format"), int) and record["format"] > FORMAT:
         raise TaskFileError(f"{file} has format {record['format']}; this vptune reads up to {FORMAT}: upgrade vptune")
-    return record
+    return check_record(record, file)
 
 
 def load_task(
@@ -133,23 +130,48 @@ def load_task(
         allow_other_backbone: load even when the backbone's fingerprint differs from the recorded one.
         device: where the loaded model lives.
     """
-    record = read_record(path)
+    record, folder = check_task(path), Path(path)
     backbone = backbone or load_backbone(record["backbone"]["spec"])
     _check_backbone(record["backbone"], backbone, allow_other_backbone, path)
-    prompt = from_dict(PromptConfig, record["prompt"], where=str(Path(path) / RECORD))
-    model = build(
+    try:
+        model = _build(record, backbone, folder / RECORD)
+    except TaskFileError:
+        raise
+    except ValueError as error:  # a value the record holds that no model takes
+        raise TaskFileError(f"{folder / RECORD}: {error}") from error
+    model.load_state_dict(_read_tensors(folder, model), strict=False)
+    return model.to(device).eval()
+
+
+def check_task(path: str | os.PathLike) -> dict:
+    """A task folder's record, after checking every field, the prompt configuration and method options it holds,
+    and the weights file against it (without building anything): a :class:`TaskFileError` naming what is wrong."""
+    record, folder = read_record(path), Path(path)
+    if not (folder / WEIGHTS).is_file():
+        raise TaskFileError(f"{folder / WEIGHTS} is missing: the task folder is incomplete")
+    check_weights(record, folder / WEIGHTS)  # before anything the record declares is allocated
+    try:
+        from_dict(PromptConfig, record["prompt"], where=str(folder / RECORD))
+        get_method(record["method"])[0].make_options(record.get("options"))
+        Preprocessing.from_record(record["preprocessing"])
+    except ValueError as error:
+        raise TaskFileError(f"{folder / RECORD}: {error}") from error
+    return record
+
+
+def _build(record: dict, backbone: Backbone, file: Path) -> TaskModel:
+    head = record.get("head") if isinstance(record.get("head"), dict) else {}
+    return build(
         record["method"],
         backbone,
         record["num_classes"],
-        prompt=prompt,
+        prompt=from_dict(PromptConfig, record["prompt"], where=str(file)),
         classes=record["classes"],
         preprocessing=Preprocessing.from_record(record["preprocessing"]),
-        head_init=(record.get("head") or {}).get("init", "uniform"),
-        head_norm=(record.get("head") or {}).get("norm", "none"),  # task files before it existed had none
+        head_init=head.get("init", "uniform"),
+        head_norm=head.get("norm", "none"),  # task files from before it existed had none
         **record.get("options", {}),
     )
-    model.load_state_dict(_read_tensors(Path(path), model), strict=False)
-    return model.to(device).eval()
 
 
 def _check_backbone(recorded: dict, backbone: Backbone, allow: bool, path) -> None:
@@ -165,8 +187,6 @@ def _check_backbone(recorded: dict, backbone: Backbone, allow: bool, path) -> No
 
 def _read_tensors(folder: Path, model: TaskModel) -> dict[str, torch.Tensor]:
     file = folder / WEIGHTS
-    if not file.is_file():
-        raise TaskFileError(f"{file} is missing: the task folder is incomplete")
     expected = model.task_state_dict()
     try:
         with safe_open(str(file), framework="pt") as handle:
