@@ -169,7 +169,7 @@ def test_demo_trains_each_method_and_prints_one_table(tmp_path, saved_backbone, 
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, saved_backbone, tiny_task, monkeypatch):
+def test_interrupted_run_keeps_its_last_finished_epoch_apart(tmp_path, saved_backbone, tiny_task, monkeypatch):
     import vptune.engine
 
     real_epoch, calls = vptune.engine._train_epoch, []
@@ -183,12 +183,52 @@ def test_interrupted_run_keeps_its_last_finished_epoch(tmp_path, saved_backbone,
     monkeypatch.setattr(vptune.engine, "_train_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, saved_backbone, tiny_task, "--method", "vpt-shallow", "--epochs", "3")
-    out = tmp_path / "run"
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    out, partial = tmp_path / "run", tmp_path / "run.partial"
+    assert not out.exists()  # a run folder holds finished runs only
+    lines = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1]
-    vptune.load_task(out)
-    record = vptune.read_record(out)
+    with pytest.warns(UserWarning, match="did not finish"):
+        vptune.load_task(partial)
+    record = vptune.read_record(partial)
     assert record["metrics"]["epoch"] == 1 and record["train_config"]["epochs"] == 3
+    assert record["status"] == "partial: epoch 1 of 3; stopped: KeyboardInterrupt: "
+    assert not list(tmp_path.glob(".run.*"))  # no staging folder left behind
+
+
+def diverging(tmp_path, saved_backbone, tiny_task, out: str, *extra: str) -> list[str]:
+    argv = ["train", "--data", str(tiny_task), "--backbone", saved_backbone, "--image-size", "16", "--method", "linear"]
+    return [*argv, "--out", str(tmp_path / out), "--batch-size", "8", "--warmup-epochs", "0", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("lr", ["1e20", "1e6"])  # non-finite weights; a finite loss far above its limit
+def test_a_diverged_run_is_an_error_and_saves_nothing(tmp_path, saved_backbone, tiny_task, capsys, lr: str):
+    extra = ["--epochs", "2", "--base-lr", lr, "--head-norm", "none"]  # without the batch norm, the loss explodes
+    argv = diverging(tmp_path, saved_backbone, tiny_task, "run", *extra)
+    assert main(argv) == 1
+    assert "training diverged at epoch 1, step" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run.partial" / "weights.safetensors").exists()  # no epoch finished: no task file
+    for line in (tmp_path / "run.partial" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda text: pytest.fail(f"{text} in the metrics"))
+
+
+def test_a_diverged_rerun_leaves_the_earlier_run_whole(tmp_path, saved_backbone, tiny_task, capsys):
+    good = diverging(tmp_path, saved_backbone, tiny_task, "run", "--epochs", "1", "--base-lr", "0.1")
+    assert main(good) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    bad = diverging(tmp_path, saved_backbone, tiny_task, "run", "--epochs", "1", "--base-lr", "1e20", "--seed", "5")
+    assert main(bad) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # config.json included
+    assert vptune.load_task(tmp_path / "run").method == "linear"
+
+
+def test_out_must_be_new_or_a_run_folder(tmp_path, saved_backbone, tiny_task, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    argv = diverging(tmp_path, saved_backbone, tiny_task, "mine", "--epochs", "1", "--base-lr", "0.1")
+    assert main(argv) == 1
+    assert "holds files that are not a run's" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_config_json_reruns_the_run_exactly(tmp_path, saved_backbone, tiny_task):

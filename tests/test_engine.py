@@ -15,6 +15,7 @@ from conftest import DEPTH, IMAGE, tiny_backbone, tiny_dataset
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import vptune
+import vptune.engine
 from vptune import PromptConfig, Splits, TrainConfig, TrainingDiverged
 from vptune.engine import METRICS, lr_at
 from vptune.preprocessing import normalize
@@ -315,3 +316,30 @@ def test_resident_batches_train_the_same_tensors_as_a_data_loader(monkeypatch) -
     resident, streamed = trained(data.RESIDENT_LIMIT), trained(0)
     for name, tensor in resident.items():
         assert torch.equal(tensor, streamed[name]), name
+
+
+def test_every_update_is_checked(backbone: vptune.Backbone, monkeypatch) -> None:
+    """The loss is finite, the gradients are not: training stops before the update (the released loop would not)."""
+    model = model_for(backbone)
+    model.prompts.embeddings.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step 1 .*gradient norm inf"):
+        vptune.fit(model, Splits(tiny_dataset(8)), settings())
+    assert torch.isfinite(model.prompts.embeddings).all()  # stopped before the update
+
+
+def test_a_loss_above_the_limit_is_divergence(backbone: vptune.Backbone) -> None:
+    model = model_for(backbone)
+    with pytest.raises(TrainingDiverged, match="the limit: max_loss 0.001"):
+        vptune.fit(model, Splits(tiny_dataset(8)), settings(max_loss=0.001))
+    vptune.fit(model_for(backbone), Splits(tiny_dataset(8)), settings(max_loss=None))  # none: no limit
+
+
+def test_no_score_and_no_file_from_non_finite_weights(tmp_path: Path, backbone: vptune.Backbone) -> None:
+    model = model_for(backbone, "linear")
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    with pytest.raises(vptune.engine.NonFiniteOutput, match="NaN or infinite"):
+        vptune.evaluate(model, tiny_dataset(4), device="cpu")
+    with pytest.raises(vptune.TaskFileError, match="not saved: head.weight hold NaN or infinite values"):
+        vptune.save_task(model, tmp_path)
+    assert not (tmp_path / "weights.safetensors").exists()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .files import write_json
 from .sweep import Executor, SweepPlan, plan_sweep, run_locally, run_sweep
 
 # The offline suite's tasks by VTAB group (../shared/README.md); other tasks count as "other".
@@ -64,7 +64,7 @@ def run_bench(
     summary = {"budget": budget.name, "note": budget.note, "tasks": tasks, "methods": methods, "rows": table}
     summary["collapses"] = collapses(results)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "bench.json", summary)
     (out / "bench.md").write_text(bench_markdown(summary))
     _write_csv(out / "bench.csv", table)
     plot(summary, out)

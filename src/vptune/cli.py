@@ -21,7 +21,7 @@ from .methods import METHODS, get_method, method_names
 from .prompts import PromptConfig
 from .sweep import BACKENDS, BUDGETS
 
-ERRORS = (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError)
+ERRORS = (ValueError, OSError, ImportError, RuntimeError, KeyError)
 
 
 def main(argv: list[str] | None = None) -> int:

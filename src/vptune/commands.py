@@ -32,7 +32,7 @@ def train(args: argparse.Namespace) -> int:
     out = Path(out or f"runs/{Path(spec.data).name}-{spec.method}")
     run(spec, out)
     if is_main():  # under torchrun only rank 0 writes
-        print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2))
+        print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2, allow_nan=False))
     return 0
 
 
@@ -47,7 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_model(model, dataset, device=resolve_device("auto"))
     result = {"run": args.run_dir, "data": str(task.root), "split": args.split, **scores}
     print(
-        json.dumps(result)
+        json.dumps(result, allow_nan=False)
         if args.json
         else f"{task.name} {args.split}: accuracy {scores['accuracy']:.4f} "
         f"({scores['count']} images), loss {scores['loss']:.4f}"
@@ -66,7 +66,7 @@ def predict(args: argparse.Namespace) -> int:
             probs = model(pixels).float().softmax(dim=-1)[0]
         answers.append({"image": image, "top": top_classes(probs, model.classes, args.top_k)})
     if args.json:
-        print(json.dumps(answers, indent=2))
+        print(json.dumps(answers, indent=2, allow_nan=False))
     for answer in answers if not args.json else []:
         best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in answer["top"])
         print(f"{answer['image']}: {best}")
@@ -79,7 +79,7 @@ def inspect(args: argparse.Namespace) -> int:
     record = check_task(args.run_dir)
     summary = task_summary(record, Path(args.run_dir))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, allow_nan=False))
         return 0
     width = max(len(key) for key in summary)
     for key, value in summary.items():
@@ -109,7 +109,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"{task.name}, {args.image_size}x{args.image_size}, backbone {args.backbone}; train800val200 -> test")
     print(markdown_table(rows))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
     return 0
 
 

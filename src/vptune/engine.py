@@ -73,6 +73,9 @@ class TrainConfig:
     precision: str = option(
         "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32")
     )
+    max_loss: float | None = option(
+        1000.0, "a training loss above this stops the run as diverged (cross-entropy starts near ln C); none: no limit"
+    )
     eval_batch_size: int = option(256, "images per evaluation batch")
     progress: bool = option(True, "show a progress bar")
 
@@ -121,7 +124,11 @@ def _is_device(name: str) -> bool:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """Training diverged: a loss, gradient or trained tensor became NaN or infinite, or the loss passed its limit."""
+
+
+class NonFiniteOutput(ValueError):
+    """A model gave NaN or infinite logits: no score is computed from them."""
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -212,6 +219,11 @@ def _evaluate(stage: Stage, dataset: Dataset, batch_size: int, device: torch.dev
     for inputs, labels in stage.batches(DataLoader(dataset, batch_size=batch_size, shuffle=False), device):
         with autocast(device, precision):
             logits = stage.logits(inputs).float()
+        if not torch.isfinite(logits).all():
+            model.train(was_training)
+            raise NonFiniteOutput(
+                "the model's outputs are NaN or infinite: its trained tensors are damaged or training diverged"
+            )
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
         count += labels.numel()
@@ -265,8 +277,11 @@ class Training:
     warmup: int
 
     def score(self, dataset: Dataset, config: TrainConfig) -> float:
-        """Accuracy on a split, through the same stage as training."""
-        return _evaluate(self.stage, dataset, config.eval_batch_size, self.device, config.precision)["accuracy"]
+        """Accuracy on a split, through the same stage as training; NaN or infinite logits are divergence."""
+        try:
+            return _evaluate(self.stage, dataset, config.eval_batch_size, self.device, config.precision)["accuracy"]
+        except NonFiniteOutput as error:
+            raise TrainingDiverged(f"training diverged: {error}") from error
 
 
 def prepare(
@@ -368,14 +383,12 @@ def _train_epoch(training: Training, trained, optimizer, config: TrainConfig, ep
         with autocast(device, config.precision):
             logits = stage.logits(inputs, trained).float()
         loss = F.cross_entropy(logits, labels)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {epoch}, step {step + 1} (lr {lr:.4g}): "
-                "lower --base-lr or --weight-decay; files written so far are intact"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        where = f"at epoch {epoch}, step {step + 1} (lr {lr:.4g})"
+        _check_update(loss, optimizer, config, where)
         optimizer.step()
+        _check_weights(optimizer, where)
         step += 1
         sums += torch.tensor([loss.item() * labels.numel(), (logits.argmax(1) == labels).sum().item(), labels.numel()])
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", lr=f"{lr:.3g}")
@@ -383,6 +396,35 @@ def _train_epoch(training: Training, trained, optimizer, config: TrainConfig, ep
         dist.all_reduce(sums)  # every process reports the whole epoch
     loss_sum, correct, count = sums.tolist()
     return {"train_loss": loss_sum / max(1, count), "train_accuracy": correct / max(1, count), "lr": lr}
+
+
+def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def _check_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig, where: str) -> None:
+    """Divergence before the update: a non-finite loss or gradient, or a loss above ``config.max_loss`` (agreed
+    between processes, so that they all stop together)."""
+    grads = [param.grad for param in _trained(optimizer) if param.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+    limit = float("inf") if config.max_loss is None else config.max_loss
+    bad = (~torch.isfinite(loss) | (loss > limit) | ~torch.isfinite(grad_norm)).float()
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item():
+        raise TrainingDiverged(
+            f"training diverged {where}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+            f"{f' (the limit: max_loss {limit:g})' if loss.item() > limit else ''}; lower --base-lr"
+        )
+
+
+def _check_weights(optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Divergence after the update: a trained tensor that is no longer finite."""
+    norm = torch.nn.utils.get_total_norm(_trained(optimizer))
+    if not torch.isfinite(norm):
+        raise TrainingDiverged(
+            f"training diverged {where}: the update made the trained tensors non-finite; lower --base-lr"
+        )
 
 
 class _MetricsLog:
@@ -398,5 +440,5 @@ class _MetricsLog:
         if self.path is None:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+            handle.write(json.dumps(metrics, allow_nan=False) + "\n")
             handle.flush()

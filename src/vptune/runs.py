@@ -7,8 +7,9 @@ run's spec, resolved (every default filled in), so ``vptune train --config <run>
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,13 @@ from .batched import fit_batched
 from .config import check_fields, from_dict, to_dict
 from .data import TaskData, open_task
 from .distributed import is_main
-from .engine import TrainConfig, fit
+from .engine import METRICS, TrainConfig, fit
+from .files import write_json
 from .head import HEAD_INITS, HEAD_NORMS
 from .methods import build, get_method
 from .model import TaskModel
 from .prompts import PromptConfig
-from .taskfile import save_task
+from .taskfile import RECORD, WEIGHTS, mark_partial, save_task
 
 CONFIG = "config.json"
 SECTIONS = {"prompt": PromptConfig, "train": TrainConfig}
@@ -140,35 +142,80 @@ def run(
     """Train one run; with ``out``, write its run folder.
 
     The folder holds ``config.json`` (the resolved spec), ``metrics.jsonl`` (a line per epoch, a final line with the
-    test accuracy) and the task file (``vptune.json``, ``weights.safetensors``), written after every epoch with
-    ``every_epoch`` (an interrupted run keeps its last finished epoch), else once at the end.
+    test accuracy) and the task file (``vptune.json``, ``weights.safetensors``). It is written beside its place and
+    moved there whole once the run has finished, so it always agrees with itself: a run that diverges or is
+    interrupted leaves ``out`` as it was and its files in ``<out>.partial`` (the task file, if an epoch finished
+    and ``every_epoch``, marked partial with the epoch its weights come from).
 
     Args:
         spec: what to train.
         out: the run folder, or None to write nothing.
         backbone: the loaded backbone of ``spec.backbone`` (default: loaded, and kept for the next run).
-        every_epoch: save the task after every epoch, not only at the end.
+        every_epoch: save the task after every epoch (in the staging folder), not only at the end.
 
     Raises:
-        TrainingDiverged: the loss became NaN or infinite.
+        TrainingDiverged: a loss, gradient or trained tensor became NaN or infinite, or the loss passed its limit.
     """
     start = time.perf_counter()
+    staging = RunFolder(Path(out)) if out is not None and is_main() else None  # under torchrun only rank 0 writes
     task, model = _build(spec, backbone)
     config = spec.train.for_method(model.method)
     resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=model.prompt_config, train=config)
-    save = None
-    if out is not None and is_main():  # under torchrun only rank 0 writes
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG).write_text(json.dumps(resolved.to_dict(), indent=2) + "\n")
+    if staging is None:
+        metrics = fit(model, task, config)
+        return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
+    write_json(staging.path / CONFIG, resolved.to_dict())
 
-        def save(metrics: dict) -> None:
-            save_task(model, folder, train_config=to_dict(config), metrics=metrics, data=task)
+    def save(metrics: dict, status: str) -> None:
+        save_task(model, staging.path, train_config=to_dict(config), metrics=metrics, data=task, status=status)
 
-    metrics = fit(model, task, config, out_dir=out, on_epoch_end=save if every_epoch else None)
-    if save is not None:
-        save(metrics)
+    def save_epoch(metrics: dict) -> None:
+        save(metrics, f"partial: epoch {metrics['epoch']} of {config.epochs}")
+
+    with staging:
+        metrics = fit(model, task, config, out_dir=staging.path, on_epoch_end=save_epoch if every_epoch else None)
+        save(metrics, "complete")
     return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
+
+
+RUN_FILES = {CONFIG, METRICS, RECORD, WEIGHTS}
+
+
+class RunFolder:
+    """A run folder written in a staging folder beside its place, then moved there whole (``with``): on success it
+    replaces ``out``; on failure it becomes ``<out>.partial`` and ``out`` stays as it was."""
+
+    def __init__(self, out: Path):
+        if out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - RUN_FILES):
+            raise FileExistsError(
+                f"{out} exists and holds files that are not a run's ({', '.join(sorted(RUN_FILES))}): "
+                "choose a new folder for --out"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.path = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            _replace(self.path, self.out)
+            return
+        if (self.path / RECORD).is_file():
+            mark_partial(self.path, f"stopped: {kind.__name__}: {error}")
+        _replace(self.path, self.out.with_name(self.out.name + ".partial"))
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Put folder ``source`` at ``target``, the old ``target`` (if any) removed only once the new one is in place."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, trash / target.name)
+    os.replace(source, target)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def run_batched(specs: list[RunSpec]) -> list[RunResult]:

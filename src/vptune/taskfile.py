@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .config import from_dict, to_dict
 from .data import TaskData
+from .files import write_atomic, write_json
 from .methods import build, get_method
 from .model import TaskModel
 from .preprocessing import Preprocessing
@@ -33,6 +35,7 @@ def save_task(
     train_config: dict | None = None,
     metrics: dict | None = None,
     data: TaskData | None = None,
+    status: str = "complete",
 ) -> Path:
     """Write a task folder: ``vptune.json`` and ``weights.safetensors`` holding only what training changed (the trained
     tensors, and an MLP head's batch-norm statistics).
@@ -46,6 +49,7 @@ def save_task(
         train_config: the training configuration to record (as a dict).
         metrics: final metrics to record (e.g. ``{"val_accuracy": ..., "test_accuracy": ...}``).
         data: the task it was trained on (its name, folder and layout are recorded).
+        status: ``"complete"``, or what a partial run's weights are (e.g. ``"partial: epoch 3 of 10"``).
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,8 +57,11 @@ def save_task(
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names given for a model with {model.num_classes} classes")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.task_state_dict().items()}
+    broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise TaskFileError(f"not saved: {', '.join(broken)} hold NaN or infinite values (training diverged)")
     backbone = model.backbone.record()
-    _atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=_metadata(model, backbone)))
+    write_atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=_metadata(model, backbone)))
     record = {
         "format": FORMAT,
         "library": {"name": "vptune", "version": __version__},
@@ -71,8 +78,9 @@ def save_task(
         "trainable_parameters": model.num_trainable(),
         "train_config": train_config,
         "metrics": metrics or {},
+        "status": status,
     }
-    _atomic(folder / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    write_json(folder / RECORD, record)
     return folder
 
 
@@ -93,13 +101,12 @@ def _metadata(model: TaskModel, backbone: dict) -> dict[str, str]:
     return {"method": model.method, "backbone_spec": backbone["spec"], "backbone_fingerprint": backbone["fingerprint"]}
 
 
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    write(str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # some writers create private temporary files
-    os.replace(tmp, target)
+def mark_partial(path: str | os.PathLike, reason: str) -> None:
+    """Say in a task folder's record that its run did not finish, and why (its weights: its last finished epoch)."""
+    file = Path(path) / RECORD
+    record = json.loads(file.read_text())
+    record["status"] = f"{record.get('status', 'partial')}; {reason}"
+    write_json(file, record)
 
 
 def read_record(path: str | os.PathLike) -> dict:
@@ -131,6 +138,8 @@ def load_task(
         device: where the loaded model lives.
     """
     record, folder = check_task(path), Path(path)
+    if record.get("status", "complete") != "complete":
+        warnings.warn(f"{folder} holds a run that did not finish ({record['status']})", stacklevel=2)
     backbone = backbone or load_backbone(record["backbone"]["spec"])
     _check_backbone(record["backbone"], backbone, allow_other_backbone, path)
     try:
@@ -202,4 +211,6 @@ def _read_tensors(folder: Path, model: TaskModel) -> dict[str, torch.Tensor]:
         want = tuple(expected[name].shape)
         if tuple(tensor.shape) != want:
             raise TaskFileError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {want}")
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise TaskFileError(f"{file}: tensor {name} holds NaN or infinite values; the task folder is damaged")
     return tensors

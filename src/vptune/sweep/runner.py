@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..files import write_json
 from .executors import Executor, run_locally
 from .plan import SweepPlan
 from .selection import choose, summarise, summary_markdown
@@ -74,11 +75,3 @@ def _read_result(out: Path, entry: dict) -> dict | None:
     except json.JSONDecodeError:
         return None  # a torn write from an interrupted run: run it again
     return result if result.get("entry") == entry else None
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
