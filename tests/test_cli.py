@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,19 @@ def test_serve_command_passes_its_limits_on(monkeypatch, tmp_path):
     paths, backbone, host, port, config = seen["args"]
     assert (paths, backbone, host, port) == ([str(tmp_path)], None, "127.0.0.1", 8123)
     assert (config.max_batch, config.max_wait_ms, config.top_k) == (3, 7.0, 2)
+
+
+def test_predict_reports_bad_images_beside_the_good_ones(tmp_path, saved_backbone, tiny_task, capsys):
+    out = _train(tmp_path, saved_backbone, tiny_task, "--method", "linear", "--epochs", "1")
+    good = next((tiny_task / "images").glob("test_*.png"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would block forever
+    capsys.readouterr()
+    argv = ["predict", str(out), str(good), str(broken), str(fifo), str(tmp_path / "absent.png"), str(good), "--json"]
+    assert main(argv) == 1
+    answers = json.loads(capsys.readouterr().out)
+    assert ["top" if "top" in answer else "error" for answer in answers] == ["top", "error", "error", "error", "top"]
+    assert answers[0]["top"] == answers[4]["top"] and "cannot read image" in answers[1]["error"]
+    assert answers[2]["error"] == answers[3]["error"] == "not a regular file"

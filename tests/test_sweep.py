@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
+import subprocess
+import sys
 
 import pytest
 from conftest import needs_real
@@ -12,7 +15,17 @@ import vptune
 import vptune.sweep.executors
 from vptune.bench import bench_table, collapses, plan_bench, run_bench
 from vptune.cli import main
-from vptune.sweep import BUDGETS, Budget, choose, make_executor, plan_sweep, run_sweep, summarise, summary_markdown
+from vptune.sweep import (
+    BUDGETS,
+    Budget,
+    SweepLocked,
+    choose,
+    make_executor,
+    plan_sweep,
+    run_sweep,
+    summarise,
+    summary_markdown,
+)
 
 TINY = Budget("tiny", image_size=16, epochs=2, warmup_epochs=1, batch_size=8, seeds=2, wds=(0.0,), note="test")
 
@@ -183,3 +196,27 @@ def test_a_final_run_far_below_its_grid_run_is_reported_as_a_collapse() -> None:
     assert summary["collapsed_seeds"] == [1]  # 10 points below; seed 2 is 4 points below: within the margin
     assert "Warning: the final run of seed(s) [1]" in summary_markdown(summary)
     assert collapses({("eurosat", "linear"): summary}) == ["eurosat linear seed 1"]
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path, saved_backbone, tiny_task) -> None:
+    plan = plan_sweep(str(tiny_task), "linear", TINY, saved_backbone, lrs=[0.5], seeds=1)
+    script = "\n".join(
+        [
+            "import sys, time",
+            "from pathlib import Path",
+            "from vptune.sweep.runner import locked",
+            "with locked(Path(sys.argv[1])):",
+            "    print('held', flush=True)",
+            "    time.sleep(60)",
+        ]
+    )  # another process holding the folder's lock, as a running sweep does
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SweepLocked, match=re.escape(f"in use by a sweep (pid {holder.pid})")):
+            run_sweep(plan, tmp_path)
+        assert not (tmp_path / "runs").exists()  # nothing ran
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_sweep(plan, tmp_path)["seeds"] == 1  # the holder gone, its lock went with it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from .distributed import is_main
 from .engine import TrainConfig, resolve_device
 from .engine import evaluate as evaluate_model
 from .methods import METHODS, get_method
+from .model import TaskModel
+from .preprocessing import DataError
 from .report import file_bytes, human_bytes, markdown_table, params_multiple, task_summary, top_classes
 from .runs import RunResult, RunSpec, run
 from .serve import ServeConfig, serve_folders
@@ -56,21 +59,35 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Top-k class names and probabilities for each image."""
+    """Top-k class names and probabilities for each image; an image that cannot be read is reported beside the
+    others' answers (and the exit status is 1)."""
     model = _load(args)
-    device = next(model.parameters()).device
-    answers = []
-    for image in args.images:
-        pixels = model.preprocessing(Path(image)).unsqueeze(0).to(device)
-        with torch.no_grad():
-            probs = model(pixels).float().softmax(dim=-1)[0]
-        answers.append({"image": image, "top": top_classes(probs, model.classes, args.top_k)})
+    answers = [_answer(model, image, args.top_k) for image in args.images]
     if args.json:
         print(json.dumps(answers, indent=2, allow_nan=False))
     for answer in answers if not args.json else []:
-        best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in answer["top"])
-        print(f"{answer['image']}: {best}")
-    return 0
+        best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in answer.get("top", []))
+        print(f"{answer['image']}: {best or 'error: ' + answer['error']}")
+    failed = [answer["image"] for answer in answers if "error" in answer]
+    if failed:
+        print(f"vptune predict: {len(failed)} of {len(answers)} images could not be classified", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _answer(model: TaskModel, image: str, top_k: int) -> dict:
+    """One image's top-k classes, or what went wrong with it."""
+    path = Path(image)
+    if not path.is_file():  # a folder, a missing file, a pipe that would block the read
+        return {"image": image, "error": "not a regular file"}
+    try:
+        pixels = model.preprocessing(path).unsqueeze(0).to(next(model.parameters()).device)
+    except DataError as error:
+        return {"image": image, "error": str(error)}
+    with torch.no_grad():
+        probs = model(pixels).float().softmax(dim=-1)[0]
+    if not torch.isfinite(probs).all():
+        return {"image": image, "error": "the model gives NaN or infinite scores for it"}
+    return {"image": image, "top": top_classes(probs, model.classes, top_k)}
 
 
 def inspect(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ Modules: :mod:`.plan` (budgets, grids, the runs), :mod:`.execute` and :mod:`.exe
 from .execute import execute
 from .executors import BACKENDS, Executor, make_executor, run_locally
 from .plan import BUDGETS, Budget, SweepPlan, get_budget, plan_sweep
-from .runner import SUMMARY_FILE, SWEEP_FILE, run_sweep
+from .runner import SUMMARY_FILE, SWEEP_FILE, SweepLocked, run_sweep
 from .selection import choose, summarise, summary_markdown
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SWEEP_FILE",
     "Budget",
     "Executor",
+    "SweepLocked",
     "SweepPlan",
     "choose",
     "execute",

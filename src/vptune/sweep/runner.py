@@ -3,16 +3,19 @@ of the same sweep skips the runs already written for the same spec."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..files import write_json
+from ..files import write_atomic, write_json
 from .executors import Executor, run_locally
 from .plan import SweepPlan
 from .selection import choose, summarise, summary_markdown
 
+LOCK_FILE = ".lock"
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.md"
 
@@ -33,13 +36,41 @@ def run_sweep(
         progress: called with each finished run's result (e.g. to update a progress bar).
     """
     out = Path(out)
-    grid = _run_all(plan.grid_runs(), out, execute, progress)
-    choice = choose(grid) if grid else plan.settings[0]
-    finals = _run_all(plan.final_runs(choice), out, execute, progress)
-    result = summarise(plan, grid, choice, finals)
-    write_json(out / SWEEP_FILE, result)
-    (out / SUMMARY_FILE).write_text(summary_markdown(result))
+    with locked(out):
+        grid = _run_all(plan.grid_runs(), out, execute, progress)
+        choice = choose(grid) if grid else plan.settings[0]
+        finals = _run_all(plan.final_runs(choice), out, execute, progress)
+        result = summarise(plan, grid, choice, finals)
+        write_json(out / SWEEP_FILE, result)
+        write_atomic(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(summary_markdown(result)))
     return result
+
+
+class SweepLocked(RuntimeError):
+    """Another sweep is writing into the same folder."""
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for a sweep's duration: a second sweep into the same folder is refused (the lock goes with
+    the process that holds it, so a killed sweep leaves none behind)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            message = f"{out} is in use by a sweep ({holder}): wait for it to finish, or choose another --out"
+            raise SweepLocked(message) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run_all(entries: list[dict], out: Path, execute: Executor, progress) -> list[dict]:
