@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -19,6 +20,7 @@ from .engine import TrainConfig
 from .head import HEAD_INITS, HEAD_NORMS
 from .methods import METHODS, get_method, method_names
 from .prompts import PromptConfig
+from .serve import ServeConfig
 from .sweep import BACKENDS, BUDGETS
 
 ERRORS = (ValueError, OSError, ImportError, RuntimeError, KeyError)
@@ -215,13 +217,15 @@ def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", metavar="RUN", nargs="+", help="task folders, or folders holding task folders")
-    parser.add_argument("--backbone", help="backbone spec (default: the one the first task records)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--max-batch", type=int, default=32, help="most images per batch (default: 32)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a batch (default: 5)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes per answer unless the request says (default: 5)")
+    add = parser.add_argument
+    add("runs", metavar="RUN", nargs="+", help="task folders, or folders holding task folders")
+    add("--backbone", help="backbone spec (default: the one the first task records)")
+    add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    add("--port", type=int, default=8000, help="port (default: 8000)")
+    for field in dataclasses.fields(ServeConfig):
+        flag, kind = "--" + field.name.replace("_", "-"), _field_type(field, ServeConfig)[0]
+        add(flag, type=kind, default=field.default, help=f"{field.metadata['help']} (default: {field.default})")
+    parser.set_defaults(admin_token=os.environ.get("VPTUNE_ADMIN_TOKEN"))  # the flag, else the environment
 
 
 # name: (adds its arguments, runs it, one line of help)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -213,6 +214,6 @@ class _RunProgress:
 
 def serve(args: argparse.Namespace) -> int:
     """Serve task folders over one frozen backbone: GET /tasks, POST /predict, POST/DELETE /tasks, /health, /metrics."""
-    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k)
+    config = ServeConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeConfig)})
     serve_folders(args.runs, args.backbone, args.host, args.port, config)
     return 0

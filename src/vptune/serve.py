@@ -2,43 +2,73 @@
 
 Concurrent requests wait at most ``max_wait_ms`` to be gathered into one mixed-task batch of at most ``max_batch``
 images; the batch runs on one worker thread, so the model never runs twice at once and tasks can be added or removed
-between batches.
+between batches. Safe to expose: request bodies and images are bounded before they are read or decoded, the endpoints
+that change the served tasks need an admin token (and are off without one), every malformed request gets a 4xx with
+a JSON message, and ``/metrics`` counts every response by status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
+import json
+import re
 import threading
 import time
+import warnings
 from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 try:  # optional: pip install 'vptune[serve]'; FastAPI reads the handlers' annotations from this module
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException, Request, Response
     from fastapi.responses import JSONResponse
     from starlette.datastructures import UploadFile  # what request.form() yields
 except ImportError:  # pragma: no cover - checked in create_app
     FastAPI = None
 
 from .backbones import load_backbone
+from .config import check_fields, option
+from .httpguard import BodyLimit, Guard, Metrics, TooLarge
 from .multitask import MultiTask
 from .preprocessing import DataError, Preprocessing
 from .report import top_classes
 from .taskfile import RECORD, read_record
+
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
 
 
 @dataclass
 class ServeConfig:
     """How the server batches and what it accepts."""
 
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    top_k: int = 5
-    max_image_bytes: int = 10 * 2**20
+    max_batch: int = option(32, "most images per model run")
+    max_wait_ms: float = option(5.0, "longest wait to fill a batch (milliseconds)")
+    top_k: int = option(5, "classes per answer unless the request says")
+    max_upload_bytes: int = option(10 * 2**20, "largest request body in bytes, refused while it streams in")
+    max_pixels: int = option(40_000_000, "largest image (width x height), refused before it is decoded")
+    max_tasks: int = option(16, "most tasks one request may ask for")
+    decode_workers: int = option(2, "images decoded at once (bounds what decoding takes in memory)")
+    admin_token: str | None = option(None, "token for POST/DELETE /tasks (Authorization: Bearer ...); none: off")
+    task_root: str | None = option(None, "folder every task added over HTTP must lie in; none: any folder")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        limits = ("max_batch", "max_wait_ms", "top_k", "max_upload_bytes", "max_pixels", "max_tasks", "decode_workers")
+        bad = [name for name in limits if getattr(self, name) <= 0]
+        if bad:
+            raise ValueError(f"ServeConfig: {', '.join(bad)} must be > 0")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("ServeConfig: admin_token must be at least 16 characters")
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ROUTES = ("/health", "/tasks", "/predict", "/metrics", "/metrics.json")
 
 
 @dataclass
@@ -77,8 +107,8 @@ class _Stats:
 class Batcher:
     """Gathers single-image predictions from concurrent requests into mixed-task batches."""
 
-    def __init__(self, served: MultiTask, config: ServeConfig):
-        self.served, self.config = served, config
+    def __init__(self, served: MultiTask, config: ServeConfig, metrics: Metrics | None = None):
+        self.served, self.config, self.metrics = served, config, metrics
         self.lock = threading.Lock()  # model runs and task changes never overlap
         self.stats = _Stats()
         self.queue: asyncio.Queue[_Item] | None = None
@@ -132,6 +162,8 @@ class Batcher:
                     continue
                 self.stats.batches += 1
                 self.stats.batch_sizes.append(len(items))
+                if self.metrics is not None:
+                    self.metrics.batch.observe(len(items))
                 for item, values in zip(items, logits, strict=True):
                     _resolve(item, values)
 
@@ -149,13 +181,15 @@ def _resolve(item: _Item, value) -> None:
 
 
 def create_app(served: MultiTask, config: ServeConfig | None = None):
-    """The FastAPI application: ``/health``, ``/tasks``, ``/predict``, ``/metrics``."""
+    """The FastAPI application: ``/health``, ``/tasks``, ``/predict``, ``/metrics``, ``/metrics.json``."""
     if FastAPI is None:
         raise ImportError("vptune serve needs FastAPI and uvicorn: pip install 'vptune[serve]'")
-    from contextlib import asynccontextmanager
-
     config = config or ServeConfig()
-    batcher = Batcher(served, config)
+    metrics = Metrics(ROUTES)
+    batcher = Batcher(served, config, metrics)
+    decoding = threading.BoundedSemaphore(config.decode_workers)
+    for name in served.names:
+        _check_name(name)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -165,6 +199,8 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
 
     app = FastAPI(title="vptune", lifespan=lifespan)
     app.state.batcher = batcher
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(Guard, metrics=metrics)  # added last: the outermost, it sees every response
 
     @app.get("/health")
     async def health() -> dict:
@@ -175,45 +211,42 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
         return {"tasks": [_describe(name, model) for name, model in zip(served.names, served.models, strict=True)]}
 
     @app.post("/tasks")
-    async def add_task(body: dict) -> dict:
-        path = body.get("path") if isinstance(body, dict) else None
-        if not path:
-            raise HTTPException(400, 'send JSON {"path": "<task folder>", "name": "<optional name>"}')
+    async def add_task(request: Request) -> dict:
+        _admin(request, config)
+        path, name = _task_request(await request.body(), config)
         try:
-            name = await asyncio.to_thread(_locked, batcher.lock, served.add, Path(path), body.get("name"))
-        except (ValueError, FileNotFoundError) as error:
-            raise HTTPException(400, str(error)) from error
-        return {"added": name, "tasks": served.names}
+            added = await asyncio.to_thread(_locked, batcher.lock, served.add, path, name)
+        except (ValueError, OSError, KeyError) as error:
+            raise HTTPException(400, _message(error)) from error
+        metrics.tasks.set(len(served.names))
+        return {"added": added, "tasks": served.names}
 
     @app.delete("/tasks/{name}")
-    async def remove_task(name: str) -> dict:
+    async def remove_task(name: str, request: Request) -> dict:
+        _admin(request, config)
         try:
             await asyncio.to_thread(_locked, batcher.lock, served.remove, name)
         except KeyError as error:
-            raise HTTPException(404, str(error.args[0])) from error
+            raise HTTPException(404, _message(error)) from error
+        metrics.tasks.set(len(served.names))
         return {"removed": name, "tasks": served.names}
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
         start = time.perf_counter()
         form = await _form(request)
-        image, names = form.get("image"), form.getlist("task")
-        if not isinstance(image, UploadFile):
-            raise HTTPException(400, "send the image as the multipart field 'image'")
-        names = names or served.names
-        unknown = [name for name in names if name not in served.names]
-        if unknown:
-            raise HTTPException(404, f"unknown task(s) {unknown}; serving: {', '.join(served.names)}")
-        data = await image.read(config.max_image_bytes + 1)
-        if len(data) > config.max_image_bytes:
-            raise HTTPException(413, f"image larger than {config.max_image_bytes} bytes")
-        top_k = _top_k(form.get("top_k"), config.top_k)
+        try:
+            image, names, top_k = _predict_request(form, served, config)
+            data = await image.read()
+        finally:
+            await form.close()  # the upload's spooled file
         models = [served.task(name) for name in names]
-        inputs = await asyncio.to_thread(_prepare, data, [model.preprocessing for model in models])
+        preprocessings = [model.preprocessing for model in models]
+        inputs = await asyncio.to_thread(_decode, data, preprocessings, config.max_pixels, decoding)
         try:
             logits = await asyncio.gather(*(batcher.predict(x, name) for x, name in zip(inputs, names, strict=True)))
         except KeyError as error:
-            raise HTTPException(404, str(error.args[0])) from error
+            raise HTTPException(404, _message(error)) from error
         answers = {
             name: top_classes(values.float().softmax(dim=-1), model.classes, top_k)
             for name, values, model in zip(names, logits, models, strict=True)
@@ -221,17 +254,85 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
         batcher.stats.requests += 1
         batcher.stats.images += len(names)
         batcher.stats.latencies_ms.append(1000 * (time.perf_counter() - start))
+        metrics.images.inc(len(names))
         return {"predictions": answers}
 
     @app.get("/metrics")
-    async def metrics() -> dict:
-        return batcher.stats.snapshot()
+    async def prometheus() -> Response:
+        metrics.tasks.set(len(served.names))
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> dict:
+        return {**batcher.stats.snapshot(), "responses_by_status": dict(metrics.by_status)}
 
     @app.exception_handler(DataError)
     async def bad_image(request, error: DataError):
         return JSONResponse({"detail": f"the image cannot be decoded: {error}"}, status_code=400)
 
+    @app.exception_handler(TooManyPixels)
+    async def too_many_pixels(request, error: TooManyPixels):
+        return JSONResponse({"detail": str(error)}, status_code=413)
+
     return app
+
+
+class TooManyPixels(ValueError):
+    """An image larger than the server decodes."""
+
+
+def _admin(request: Request, config: ServeConfig) -> None:
+    """Only a request with the admin token may change the served tasks; without a token those endpoints are off."""
+    if config.admin_token is None:
+        raise HTTPException(403, "changing tasks is off: start the server with --admin-token (or VPTUNE_ADMIN_TOKEN)")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {config.admin_token}".encode()):
+        raise HTTPException(401, "send the admin token as 'Authorization: Bearer <token>'")
+
+
+def _task_request(body: bytes, config: ServeConfig) -> tuple[Path, str | None]:
+    """The folder and name a POST /tasks body asks for, each checked."""
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        request = None
+    if not isinstance(request, dict) or not isinstance(request.get("path"), str) or not request["path"]:
+        raise HTTPException(400, 'send JSON {"path": "<task folder>", "name": "<optional name>"}')
+    name = request.get("name")
+    if name is not None and not isinstance(name, str):
+        raise HTTPException(400, "name must be a string")
+    path = Path(request["path"])
+    if config.task_root is not None and not path.resolve().is_relative_to(Path(config.task_root).resolve()):
+        raise HTTPException(403, f"tasks must lie in the task root {config.task_root}")
+    _check_name(name if name is not None else path.name)
+    return path, name
+
+
+def _check_name(name: str) -> None:
+    if not TASK_NAME.fullmatch(name):
+        raise HTTPException(
+            400, f"task name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (a letter or digit first)"
+        )
+
+
+def _predict_request(form, served: MultiTask, config: ServeConfig) -> tuple[UploadFile, list[str], int]:
+    """The image, the tasks (each once) and the top-k a POST /predict asks for, each checked."""
+    image, names = form.get("image"), form.getlist("task")
+    if not isinstance(image, UploadFile):
+        raise HTTPException(400, "send the image as the multipart field 'image'")
+    if not all(isinstance(name, str) for name in names):
+        raise HTTPException(400, "'task' fields must be task names")
+    names = list(dict.fromkeys(names)) or served.names
+    if len(names) > config.max_tasks:
+        raise HTTPException(400, f"{len(names)} tasks asked: name at most {config.max_tasks} in one request")
+    unknown = [name for name in names if name not in served.names]
+    if unknown:
+        raise HTTPException(404, f"unknown task(s) {unknown}; serving: {', '.join(served.names)}")
+    return image, names, _top_k(form.get("top_k"), config.top_k)
+
+
+def _message(error: BaseException) -> str:
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 def _locked(lock: threading.Lock, fn, *args):
@@ -241,24 +342,41 @@ def _locked(lock: threading.Lock, fn, *args):
 
 async def _form(request):
     try:
-        return await request.form()
-    except Exception as error:  # a body that is not multipart form data
+        return await request.form(max_files=1, max_fields=64)
+    except TooLarge:
+        raise
+    except Exception as error:  # a body that is not well-formed multipart form data
         raise HTTPException(400, f"send multipart/form-data with fields 'image' and 'task' ({error})") from error
 
 
 def _top_k(value, default: int) -> int:
     try:
         top_k = int(value) if value is not None else default
-    except ValueError as error:
-        raise HTTPException(400, f"top_k must be an integer, got {value!r}") from error
-    if top_k < 1:
-        raise HTTPException(400, f"top_k must be >= 1, got {top_k}")
+    except (TypeError, ValueError) as error:
+        raise HTTPException(400, f"top_k must be an integer, got {value!r:.40}") from error
+    if not 1 <= top_k <= 1000:
+        raise HTTPException(400, f"top_k must be in 1..1000, got {top_k}")
     return top_k
 
 
-def _prepare(data: bytes, preprocessings: list[Preprocessing]) -> list[torch.Tensor]:
-    """The image as each task's input, decoded once per distinct preprocessing."""
-    inputs = {prep: prep(io.BytesIO(data)) for prep in dict.fromkeys(preprocessings)}
+def _decode(
+    data: bytes, preprocessings: list[Preprocessing], max_pixels: int, decoding: threading.BoundedSemaphore
+) -> list[torch.Tensor]:
+    """The image as each task's input, decoded once per distinct preprocessing; its size is checked from its header
+    first, and only ``decode_workers`` images decode at once."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below is ours
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise TooManyPixels(f"the image is too large to decode ({error})") from error
+    except _UNREADABLE as error:
+        raise DataError(str(error)) from error
+    if width * height > max_pixels:
+        raise TooManyPixels(f"the image has {width}x{height} pixels; this server decodes at most {max_pixels}")
+    with decoding:
+        inputs = {prep: prep(io.BytesIO(data)) for prep in dict.fromkeys(preprocessings)}
     return [inputs[prep] for prep in preprocessings]
 
 
@@ -282,6 +400,9 @@ def serve_folders(paths: list[str], backbone: str | None, host: str, port: int, 
     folders = [folder for folder in folders if (folder / RECORD).is_file()]
     if not folders:
         raise ValueError(f"no task folders (with {RECORD}) in {paths}")
+    bad = [folder.name for folder in folders if not TASK_NAME.fullmatch(folder.name)]
+    if bad:
+        raise ValueError(f"task folder names {bad} cannot be task names: use letters, digits, '.', '_' or '-'")
     spec = backbone or read_record(folders[0])["backbone"]["spec"]
     served = MultiTask(load_backbone(spec), folders)
     uvicorn.run(create_app(served, config), host=host, port=port, log_level="warning")
