@@ -12,6 +12,7 @@ connection, the same answer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import random
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -157,19 +159,40 @@ def main() -> int:
                     time.sleep(0.2)
             fixed = png(12345)
             before, rss_before = answer(url, fixed, names[0]), _rss(server.pid)
-            result = run_load(url, names, args.seconds, args.clients, args.max_upload_bytes)
+            with _sampled_rss(server.pid, every=args.seconds / 10) as samples:
+                result = run_load(url, names, args.seconds, args.clients, args.max_upload_bytes)
             after, rss_after = answer(url, fixed, names[0]), _rss(server.pid)
         finally:
             server.terminate()
             server.wait()
     result.update(
-        same_answer_before_and_after=before == after, server_rss_mib={"before": rss_before, "after": rss_after}
+        same_answer_before_and_after=before == after,
+        server_rss_mib={"before": rss_before, "during": samples, "after": rss_after},
     )
     result["broken_connections"] = len(result["broken_connections"])
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def _sampled_rss(pid: int, every: float) -> Iterator[list[float]]:
+    """The server's resident memory every ``every`` seconds while the block runs (does it level off?)."""
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            samples.append(_rss(pid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join()
 
 
 def _rss(pid: int) -> float:

@@ -333,3 +333,16 @@ def test_an_unexpected_failure_is_a_json_500_and_the_server_keeps_serving(tasks,
         assert failed.status_code == 500 and "keeps serving" in failed.json()["detail"]
         monkeypatch.undo()
         assert client.post("/predict", files=files).status_code == 200  # the same connection
+
+
+def test_malloc_arenas_capped_unless_the_user_chose(monkeypatch):
+    import ctypes.util
+    import platform
+
+    from vptune.serve import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c")
+    assert limit_malloc_arenas() is bool(glibc)
