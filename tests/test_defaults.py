@@ -26,17 +26,21 @@ def stated() -> dict[str, float]:
     pattern = (
         rf"{NUMBER} prompt tokens, prompt dropout {NUMBER} for VPT-Deep and {NUMBER} for VPT-Shallow; SGD with "
         rf"momentum {NUMBER}, base lr {NUMBER} \(`full`: AdamW, {NUMBER}\), the lr being base lr x batch / 256, "
-        rf"batch {NUMBER}, {NUMBER} epochs with {NUMBER} of warmup then cosine, weight decay {NUMBER}\."
+        rf"batch {NUMBER}, {NUMBER} epochs with {NUMBER} of warmup then cosine \(unset, warmup is a tenth of the "
+        rf"epochs: a {NUMBER}-epoch run warms up for {NUMBER}\), weight decay {NUMBER}\."
     )
     match = re.search(pattern, text)
     assert match, "the README's sentence of defaults has changed: update it and this test together"
     keys = ("tokens", "deep_dropout", "shallow_dropout", "momentum", "sgd_lr", "adamw_lr", "batch", "epochs")
-    return dict(zip((*keys, "warmup", "weight_decay"), map(float, match.groups()), strict=True))
+    keys += ("warmup", "short_epochs", "short_warmup", "weight_decay")
+    return dict(zip(keys, map(float, match.groups()), strict=True))
 
 
 def test_the_readme_states_the_codes_defaults() -> None:
     readme, config = stated(), TrainConfig()
-    assert (config.epochs, config.warmup_epochs, config.batch_size) == (readme["epochs"], readme["warmup"], 64)
+    assert (config.epochs, config.warmup, config.batch_size) == (readme["epochs"], readme["warmup"], 64)
+    short = TrainConfig(epochs=int(readme["short_epochs"]))
+    assert config.warmup_epochs is None and short.warmup == readme["short_warmup"]
     assert readme["batch"] == 64 and config.weight_decay == readme["weight_decay"] == 1e-4
     assert config.momentum == readme["momentum"] == 0.9 and config.optimizer == "auto"
     assert (config.cache, config.precision, config.seed) == ("auto", "auto", 0)

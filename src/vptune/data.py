@@ -1,257 +1,43 @@
-"""Task data: three on-disk layouts, split reading, and an in-memory uint8 image cache.
+"""Task data in memory: a split's images decoded once into a uint8 cache, and the batches training draws from it.
 
-Layouts (``SPLITS`` maps to):
-
-* ``vtab``: ``train800.txt`` / ``val200.txt`` / ``train800val200.txt`` / ``test.txt``, lines ``images/<file> <label>``.
-* ``fgvc``: ``train.json`` / ``val.json`` / (both) / ``test.json``, each ``{"images/<file>": label}``.
-* ``imagefolder``: ``train/`` / ``val/`` / (``train/`` + ``val/``) / ``test/``, one sub-folder per class.
-
-Images are decoded once by the model's :class:`~vptune.preprocessing.Preprocessing` and kept as uint8;
-normalisation happens later, on the device.
+Which images and labels a split holds (layouts, carved splits) is :mod:`vptune.layouts`' business; its public names
+are re-exported here. Images are decoded once by the model's :class:`~vptune.preprocessing.Preprocessing` and kept as
+uint8; normalisation happens later, on the device.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm import tqdm
 
+from .layouts import (
+    IMAGE_SUFFIXES,
+    LAYOUTS,
+    SPLITS,
+    Carving,
+    TaskData,
+    data_home,
+    detect_layout,
+    open_task,
+    read_split,
+    resolve_data,
+)
 from .preprocessing import DataError, Preprocessing
 
-SPLITS = ("train", "val", "trainval", "test")
-SPLIT_SOURCES = {
-    "vtab": {
-        "train": ("train800.txt",),
-        "val": ("val200.txt",),
-        "trainval": ("train800val200.txt",),
-        "test": ("test.txt",),
-    },
-    "fgvc": {
-        "train": ("train.json",),
-        "val": ("val.json",),
-        "trainval": ("train.json", "val.json"),
-        "test": ("test.json",),
-    },
-    "imagefolder": {"train": ("train",), "val": ("val",), "trainval": ("train", "val"), "test": ("test",)},
-}
-LABEL = re.compile("[0-9]+")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+__all__ = [
+    "IMAGE_SUFFIXES", "LAYOUTS", "SPLITS", "Carving", "DataError", "ImageDataset", "ResidentBatches", "TaskData",
+    "data_home", "detect_layout", "load_split", "open_task", "read_split", "resolve_data", "train_batches",
+]  # fmt: skip
+
 MAX_BAD_FRACTION = 0.01  # more unreadable images than this and the split is refused, not silently shrunk
 PROGRESS_MIN_IMAGES = 200
 DECODE_THREADS = 2
-
-
-class _Pairs(list):
-    """A JSON object as its (key, value) pairs, in file order (duplicates kept)."""
-
-
-def data_home() -> Path:
-    """Folder holding the task directories: ``$VPTUNE_DATA``, else ``<repo>/../shared/data``."""
-    if env := os.environ.get("VPTUNE_DATA"):
-        return Path(env).expanduser()
-    beside_repo = Path(__file__).resolve().parents[3] / "shared" / "data"
-    return beside_repo if beside_repo.is_dir() else Path.cwd() / ".." / "shared" / "data"
-
-
-def resolve_data(name_or_path: str | os.PathLike) -> Path:
-    """Find a task directory.
-
-    Args:
-        name_or_path: An existing path (used as is) or a bare task name looked up in ``data_home()``.
-
-    Returns:
-        The absolute task directory.
-
-    Raises:
-        DataError: Nothing found; the message lists what was tried.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path.resolve()
-    home, tried = data_home(), [str(path)]
-    if len(path.parts) == 1:
-        if (home / path).exists():
-            return (home / path).resolve()
-        tried.append(str(home / path))
-    known = sorted(p.name for p in home.iterdir() if p.is_dir()) if home.is_dir() else []
-    raise DataError(
-        f"no task data {str(name_or_path)!r}: tried {', '.join(tried)}. Pass the path of a task directory, or set "
-        f"VPTUNE_DATA to the folder holding task directories (now {home}; tasks there: {known or 'none'})."
-    )
-
-
-def detect_layout(root: Path) -> str:
-    """Tell which layout a task directory uses: ``"vtab"``, ``"fgvc"`` or ``"imagefolder"``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"task directory {root} does not exist or is not a directory")
-    for layout, splits in SPLIT_SOURCES.items():
-        names = {name for sources in splits.values() for name in sources}
-        if any((root / name).exists() for name in names) and (layout != "imagefolder" or (root / "train").is_dir()):
-            return layout
-    raise DataError(
-        f"cannot tell the layout of {root}: expected train800.txt/val200.txt/train800val200.txt/test.txt (vtab), "
-        "train.json/val.json/test.json (fgvc) or train/, val/, test/ folders of class folders (imagefolder)."
-    )
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """A task directory, its layout and its class names (index = label)."""
-
-    root: Path
-    layout: str
-    classes: list[str]
-    name: str
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.classes)
-
-    @property
-    def protocol(self) -> str:
-        """The preprocessing protocol its layout implies: ``"fgvc"`` for the FGVC json layout, else ``"vtab"``."""
-        return "fgvc" if self.layout == "fgvc" else "vtab"
-
-
-def open_task(name_or_path: str | os.PathLike) -> TaskData:
-    """Resolve a task, detect its layout and read its class names."""
-    root = resolve_data(name_or_path)
-    layout = detect_layout(root)
-    classes = _read_classes(root, layout)
-    if not classes:
-        raise DataError(f"no classes found in {root}: add classes.txt or class folders under {root / 'train'}")
-    return TaskData(root=root, layout=layout, classes=classes, name=root.name)
-
-
-def _read_classes(root: Path, layout: str) -> list[str]:
-    path = root / "classes.txt"
-    if path.is_file():
-        classes = path.read_text(encoding="utf-8").rstrip().splitlines()
-        if not classes:
-            raise DataError(f"{path} is empty: write one class name per line (line i = name of label i)")
-        return [c.strip() for c in classes]
-    if layout == "imagefolder":
-        return sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
-    sources = {name for names in SPLIT_SOURCES[layout].values() for name in names}
-    labels = [
-        label for name in sorted(sources) if (root / name).is_file() for _, label, _ in _read_entries(root / name)
-    ]
-    if not labels:
-        raise DataError(f"no labels found in {root}: add classes.txt or non-empty split files")
-    return [str(i) for i in range(max(labels) + 1)]
-
-
-def _read_entries(path: Path) -> list[tuple[str, int, str]]:
-    """(relative image path, label, "file:line") for every entry of a list or JSON split file."""
-    if not path.is_file():
-        raise DataError(f"split file {path} is missing: create it, or choose a split that exists")
-    text = path.read_text(encoding="utf-8")
-    return _read_json(path, text) if path.suffix == ".json" else _read_list(path, text)
-
-
-def _read_list(path: Path, text: str) -> list[tuple[str, int, str]]:
-    entries = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.strip().rsplit(maxsplit=1)
-        if len(parts) != 2 or not LABEL.fullmatch(parts[1]):  # plain digits: int() would take "1_0" and "٣"
-            raise DataError(f"{path}:{lineno}: expected '<image path> <integer label>', got {line!r}")
-        entries.append((parts[0], int(parts[1]), f"{path}:{lineno}"))
-    return entries
-
-
-def _read_json(path: Path, text: str) -> list[tuple[str, int, str]]:
-    try:
-        pairs = json.loads(text, object_pairs_hook=_Pairs)
-    except json.JSONDecodeError as err:
-        raise DataError(f'{path}:{err.lineno}: invalid JSON ({err.msg}); expected {{"images/<file>": label}}') from err
-    if not isinstance(pairs, _Pairs):
-        raise DataError(f'{path}: expected a JSON object {{"images/<file>": label}}, got {type(pairs).__name__}')
-    entries, cursor, lineno = [], 0, 1
-    for rel, label in pairs:
-        found = text.find(json.dumps(rel), cursor)  # keys come in file order: one pass finds every line number
-        if found >= 0:
-            lineno, cursor = lineno + text.count("\n", cursor, found), found
-        where = f"{path}:{lineno}" if found >= 0 else str(path)
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise DataError(f"{where}: label of {rel!r} must be an integer, got {label!r}")
-        entries.append((rel, label, where))
-    return entries
-
-
-def _read_folder(folder: Path, classes: list[str]) -> list[tuple[str, int, str]]:
-    if not folder.is_dir():
-        raise DataError(f"split folder {folder} is missing: create it with one sub-folder per class")
-    index = {name: i for i, name in enumerate(classes)}
-    entries = []
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if class_dir.name not in index:
-            raise DataError(f"class folder {class_dir} is not a class of the task (classes: {classes}); rename it")
-        files = [p for p in sorted(class_dir.rglob("*")) if _is_image(p)]
-        if not files:
-            raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): "
-                            "add its images or remove the folder")  # fmt: skip
-        entries += [(str(p), index[class_dir.name], str(class_dir)) for p in files]
-    return entries
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
-
-
-def _inside(root: Path, relative: str, where: str) -> Path:
-    """``root / relative``, refusing a path that leaves the task folder (absolute, or climbing out with ``..``)."""
-    pure = PurePath(relative)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise DataError(f"{where}: {relative!r} points outside the task folder {root}; list images inside it")
-    return root / pure
-
-
-def read_split(task: TaskData, split: str) -> list[tuple[Path, int]]:
-    """List a split's images.
-
-    Args:
-        task: The task, from ``open_task``.
-        split: One of ``SPLITS``.
-
-    Returns:
-        ``(absolute image path, label)`` pairs in file order.
-
-    Raises:
-        DataError: Unknown split, missing or malformed split file, label outside ``0..C-1``, or an empty split.
-    """
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    root = task.root.absolute()
-    items = []
-    for source in SPLIT_SOURCES[task.layout][split]:
-        if task.layout == "imagefolder":
-            entries = _read_folder(root / source, task.classes)
-        else:
-            entries = _read_entries(root / source)
-        for rel, label, where in entries:
-            path = Path(rel) if task.layout == "imagefolder" else _inside(root, rel, where)
-            if not 0 <= label < task.num_classes:
-                raise DataError(
-                    f"{where}: label {label} outside 0..{task.num_classes - 1} ({task.num_classes} classes in "
-                    f"{root / 'classes.txt'}); fix the label or add the class"
-                )
-            items.append((path, label))
-    if not items:
-        raise DataError(f"split {split!r} of {root} lists no images ({', '.join(SPLIT_SOURCES[task.layout][split])})")
-    return items
 
 
 class ImageDataset(Dataset):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from .model import TaskModel
 from .preprocessing import DataError, Preprocessing
 
 METRICS = "metrics.jsonl"
+WARMUP_SHARE = 0.1  # the paper: 10 warmup epochs of 100
 
 
 @dataclass
@@ -33,8 +35,10 @@ class TrainConfig:
     """How a task model is trained (VPT.md, "Training protocol")."""
 
     epochs: int = option(100, "training epochs")
-    warmup_epochs: float = option(
-        10, "linear warmup epochs (at most epochs), then cosine decay; stepped every iteration"
+    warmup_epochs: float | None = option(
+        None,
+        "linear warmup epochs, then cosine decay, stepped every iteration; none: a tenth of the epochs (the "
+        "paper's 10 of 100); one not shorter than the run is cut to a tenth, with a warning",
     )
     batch_size: int = option(64, "images per step")
     base_lr: float | None = option(
@@ -83,7 +87,10 @@ class TrainConfig:
         check_fields(self)
         checks = (
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (
+                self.warmup_epochs is None or self.warmup_epochs >= 0,
+                f"warmup_epochs must be >= 0, got {self.warmup_epochs}",
+            ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.base_lr is None or self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
@@ -99,6 +106,13 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {message}")
 
     @property
+    def warmup(self) -> float:
+        """The warmup in epochs: ``warmup_epochs``, or a tenth of the run when unset or not shorter than the run."""
+        if self.warmup_epochs is None or (self.warmup_epochs >= self.epochs and self.warmup_epochs > 0):
+            return WARMUP_SHARE * self.epochs
+        return self.warmup_epochs
+
+    @property
     def lr(self) -> float:
         """The actual peak learning rate: base_lr * batch_size / 256."""
         if self.base_lr is None:
@@ -106,11 +120,19 @@ class TrainConfig:
         return self.base_lr * self.batch_size / 256
 
     def for_method(self, method: str) -> TrainConfig:
-        """This config with ``base_lr=None`` and ``optimizer="auto"`` replaced by the method's defaults."""
+        """This config with what it leaves unset resolved: ``base_lr=None`` and ``optimizer="auto"`` take the
+        method's defaults, ``warmup_epochs`` becomes :attr:`warmup` (with a warning when it was cut)."""
         spec = get_method(method)[0] if method != "custom" else None
         base_lr = self.base_lr if self.base_lr is not None else (spec.base_lr if spec else 0.1)
         optimizer = self.optimizer if self.optimizer != "auto" else (spec.optimizer if spec else "sgd")
-        return dataclasses.replace(self, base_lr=base_lr, optimizer=optimizer)
+        if self.warmup_epochs is not None and self.warmup != self.warmup_epochs:
+            warnings.warn(
+                f"warmup of {self.warmup_epochs:g} epochs is not shorter than the run's {self.epochs}: the lr would "
+                f"never reach its peak; using {self.warmup:g} (a tenth of the run). Set --warmup-epochs below "
+                "--epochs, or leave it unset",
+                stacklevel=2,
+            )
+        return dataclasses.replace(self, base_lr=base_lr, optimizer=optimizer, warmup_epochs=self.warmup)
 
 
 def _is_device(name: str) -> bool:
@@ -168,6 +190,29 @@ def load_splits(data: str | os.PathLike | TaskData, config: TrainConfig, preproc
 def resolve_device(name: str) -> torch.device:
     """``auto`` = CUDA when available, else CPU."""
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix units
+
+
+def cpu_has_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16); None where ``cpuinfo`` cannot be read."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return None
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def warn_slow_bf16(device: torch.device, precision: str) -> None:
+    """bf16 on a CPU without bf16 units is emulated: measured 34x slower than fp32 for a VPT-Deep step (see
+    docs/performance.md), so say so."""
+    if precision == "bf16" and device.type == "cpu" and cpu_has_bf16_units() is False:
+        warnings.warn(
+            "--precision bf16 on a CPU without bf16 units (no amx_bf16 or avx512_bf16 in /proc/cpuinfo) is emulated "
+            "and far slower than fp32 (measured 34x for a VPT-Deep step); use --precision auto (fp32 on a CPU)",
+            stacklevel=4,
+        )
 
 
 def autocast(device: torch.device, precision: str):
@@ -294,6 +339,7 @@ def prepare(
 ) -> Training:
     """Load the splits, move ``model`` to ``device``, cache its frozen trunk's outputs where that applies, and order
     the samples: the same for any number of processes (rank r of ``world`` takes every w-th of one permutation)."""
+    warn_slow_bf16(device, config.precision)
     splits = data if isinstance(data, Splits) else load_splits(data, config, model.preprocessing)
     model.to(device)
     point = cache_point(model, splits.train, config)
@@ -303,7 +349,7 @@ def prepare(
     order = config.data_seed if config.data_seed is not None else config.seed
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=order)
     loader = train_batches(splits.train, config.batch_size // world, sampler, device)
-    total, warmup = config.epochs * len(loader), round(min(config.warmup_epochs, config.epochs) * len(loader))
+    total, warmup = config.epochs * len(loader), round(config.warmup * len(loader))
     return Training(splits, Stage(model, point), sampler, loader, device, total, warmup)
 
 
@@ -376,8 +422,10 @@ def _train_epoch(training: Training, trained, optimizer, config: TrainConfig, ep
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     quiet = not config.progress or not is_main()
     bar = tqdm(training.loader, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False)
+    highest = 0.0
     for inputs, labels in stage.batches(bar, device):
         lr = lr_at(step, training.total, training.warmup, config.lr)
+        highest = max(highest, lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, config.precision):
@@ -395,7 +443,8 @@ def _train_epoch(training: Training, trained, optimizer, config: TrainConfig, ep
     if dist.is_initialized():
         dist.all_reduce(sums)  # every process reports the whole epoch
     loss_sum, correct, count = sums.tolist()
-    return {"train_loss": loss_sum / max(1, count), "train_accuracy": correct / max(1, count), "lr": lr}
+    accuracy = correct / max(1, count)
+    return {"train_loss": loss_sum / max(1, count), "train_accuracy": accuracy, "lr": lr, "lr_peak": highest}
 
 
 def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -48,7 +48,7 @@ def save_task(
         classes: class names, index = label; default ``model.classes``.
         train_config: the training configuration to record (as a dict).
         metrics: final metrics to record (e.g. ``{"val_accuracy": ..., "test_accuracy": ...}``).
-        data: the task it was trained on (its name, folder and layout are recorded).
+        data: the task it was trained on (its name, folder, layout, split sources and carving are recorded).
         status: ``"complete"``, or what a partial run's weights are (e.g. ``"partial: epoch 3 of 10"``).
     """
     folder = Path(path)
@@ -72,7 +72,7 @@ def save_task(
         "classes": classes,
         "head": _head_record(model),
         "preprocessing": model.preprocessing.to_record(),
-        "data": {"name": data.name, "path": str(data.root), "layout": data.layout} if data else None,
+        "data": data.record() if data else None,
         "backbone": backbone,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
         "trainable_parameters": model.num_trainable(),
