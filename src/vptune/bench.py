@@ -54,7 +54,7 @@ def run_bench(
     out = Path(out)
     start = time.perf_counter()
     results = {
-        (Path(task).name, method): run_sweep(plan, out / Path(task).name / method, execute, progress)
+        (Path(task).name, method): run_sweep(plan, out / Path(task).name / method, execute, progress, report=False)
         for (task, method), plan in plans.items()
     }
     tasks = list(dict.fromkeys(task for task, _ in results))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .backbones import load_backbone
 from .bench import DEFAULT_METHODS, SUITE, plan_bench, run_bench
 from .config import read_config_file
-from .data import load_split, open_task
+from .data import Carving, load_split, open_task
 from .distributed import is_main
 from .engine import TrainConfig, resolve_device
 from .engine import evaluate as evaluate_model
@@ -22,9 +22,10 @@ from .methods import METHODS, get_method
 from .model import TaskModel
 from .preprocessing import DataError
 from .report import file_bytes, human_bytes, markdown_table, params_multiple, task_summary, top_classes
-from .runs import RunResult, RunSpec, run
+from .runs import RunResult, RunSpec, run, used_splits
 from .serve import ServeConfig, serve_folders
 from .sweep import SUMMARY_FILE, make_executor, plan_sweep, run_sweep
+from .sweep.report import BEST_FOLDER, REPORT_FILE
 from .taskfile import check_task, load_task, read_record
 
 
@@ -34,6 +35,7 @@ def train(args: argparse.Namespace) -> int:
     out = args.out or file.pop("out", None)
     spec = RunSpec.from_layers(file, args.layer or {}, where=args.config or "flags")
     out = Path(out or f"runs/{Path(spec.data).name}-{spec.method}")
+    _tell(open_task(spec.data).describe(used_splits(spec.train)))
     run(spec, out)
     if is_main():  # under torchrun only rank 0 writes
         print(json.dumps({"run": str(out), **task_summary(read_record(out), out)}, indent=2, allow_nan=False))
@@ -43,10 +45,10 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Score a trained task folder on a split of its task (or of --data)."""
     model = _load(args)
-    recorded = (read_record(args.run_dir).get("data") or {}).get("path")
-    if not (args.data or recorded):
+    data = read_record(args.run_dir).get("data") or {}
+    if not (args.data or data.get("path")):
         raise ValueError(f"{args.run_dir} records no task data: pass --data NAME_OR_FOLDER")
-    task = open_task(args.data or recorded)
+    task = open_task(args.data or data["path"], Carving.recorded(data))  # carved splits as the run carved them
     dataset = load_split(task, args.split, model.preprocessing)
     scores = evaluate_model(model, dataset, device=resolve_device("auto"))
     result = {"run": args.run_dir, "data": str(task.root), "split": args.split, **scores}
@@ -112,11 +114,12 @@ def _load(args: argparse.Namespace):
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Train methods (default: linear, VPT-Shallow, VPT-Deep) on a task (train800val200 -> test); print one table."""
+    """Train methods (default: linear, VPT-Shallow, VPT-Deep) on a task (train + val -> test); print one table."""
     methods = args.methods.split(",") if args.methods else demo_methods()
     for method in methods:
         get_method(method)  # an unknown name fails before any work
     task = open_task(args.data)
+    _tell(task.describe(("trainval", "test")))
     rows = []
     for method in methods:
         spec = demo_spec(method, args)
@@ -124,7 +127,10 @@ def demo(args: argparse.Namespace) -> int:
         result = run(spec, Path(args.out) / method, every_epoch=False)
         rows.append(_demo_row(result, Path(args.out) / method))
     print()
-    print(f"{task.name}, {args.image_size}x{args.image_size}, backbone {args.backbone}; train800val200 -> test")
+    print(
+        f"{task.name}, {args.image_size}x{args.image_size}, backbone {args.backbone}; trained on train + val, "
+        "scored on test"
+    )
     print(markdown_table(rows))
     if args.json:
         print(json.dumps(rows, indent=2, allow_nan=False))
@@ -138,9 +144,10 @@ def demo_methods() -> list[str]:
 
 
 def demo_spec(method: str, args: argparse.Namespace) -> RunSpec:
-    """A demo run: the method's short schedule and defaults, trained on train800val200, scored on test."""
+    """A demo run: the method's short schedule and defaults, trained on train + val, scored on test; ``--epochs``
+    replaces the schedule's length and warmup (then a tenth of the run)."""
     registered = get_method(method)[0]
-    schedule = {**registered.demo, **({"epochs": args.epochs} if args.epochs else {})}
+    schedule = {**registered.demo, **({"epochs": args.epochs, "warmup_epochs": None} if args.epochs else {})}
     train = TrainConfig(batch_size=32, weight_decay=1e-4, train_split="trainval", val_split=None, **schedule)
     return RunSpec(args.data, method, args.backbone, args.image_size, registered.prompt_config(), train=train)
 
@@ -165,16 +172,27 @@ def _demo_row(result: RunResult, folder: Path) -> dict:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """Grid on train800 scored on val200, the best (ties: smaller lr) retrained on train800val200 with seeds."""
+    """Grid on train scored on val, the best (ties: smaller lr) retrained on train + val with seeds; the seed-0 model
+    lands in <out>/best, the report in <out>/report.md."""
+    task = open_task(args.data)
+    _tell(task.describe())
     plan = plan_sweep(
-        str(open_task(args.data).root), args.method, args.budget, args.backbone, args.base_lr, args.weight_decay,
+        str(task.root), args.method, args.budget, args.backbone, args.base_lr, args.weight_decay,
         args.num_tokens, args.seeds,
     )  # fmt: skip
     total = len(plan.grid_runs()) + plan.seeds
     with _RunProgress(total, args.progress) as progress:
         run_sweep(plan, args.out, make_executor(args.backend, args.ray_address, args.batched), progress.update)
     print((Path(args.out) / SUMMARY_FILE).read_text())
+    print(f"tuned model: {Path(args.out) / BEST_FOLDER}")
+    print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0
+
+
+def _tell(text: str) -> None:
+    """A note for the person at the terminal (stderr, so that --json output stays clean)."""
+    if is_main():
+        print(text, file=sys.stderr, flush=True)
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .prompts import PromptConfig
 from .taskfile import RECORD, WEIGHTS, mark_partial, save_task
 
 CONFIG = "config.json"
+SPLITS_KEY = "splits"  # config.json records what the data gave (layout, sources, carving, sizes); ignored on reading
 SECTIONS = {"prompt": PromptConfig, "train": TrainConfig}
 
 
@@ -93,6 +95,7 @@ class RunSpec:
         """
         merged: dict[str, Any] = {"prompt": {}, "train": {}, "options": {}}
         for layer in layers:
+            layer = {key: value for key, value in layer.items() if key != SPLITS_KEY}  # a record, not a setting
             unknown = sorted(set(layer) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
                 raise ValueError(f"{where}: unknown keys {unknown}; the keys are {', '.join(cls.keys())}")
@@ -137,7 +140,12 @@ class RunResult:
 
 
 def run(
-    spec: RunSpec, out: str | os.PathLike | None = None, *, backbone: Backbone | None = None, every_epoch: bool = True
+    spec: RunSpec,
+    out: str | os.PathLike | None = None,
+    *,
+    backbone: Backbone | None = None,
+    every_epoch: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Train one run; with ``out``, write its run folder.
 
@@ -152,28 +160,34 @@ def run(
         out: the run folder, or None to write nothing.
         backbone: the loaded backbone of ``spec.backbone`` (default: loaded, and kept for the next run).
         every_epoch: save the task after every epoch (in the staging folder), not only at the end.
+        on_epoch: called with each epoch's metrics (``epoch``, ``val_accuracy`` ...) after the epoch is saved; an
+            exception it raises stops the run there and comes out of ``run`` (a sweep's successive halving).
 
     Raises:
         TrainingDiverged: a loss, gradient or trained tensor became NaN or infinite, or the loss passed its limit.
     """
     start = time.perf_counter()
     staging = RunFolder(Path(out)) if out is not None and is_main() else None  # under torchrun only rank 0 writes
-    task, model = _build(spec, backbone)
+    task, model, splits = _build(spec, backbone)
     config = spec.train.for_method(model.method)
     resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=model.prompt_config, train=config)
     if staging is None:
-        metrics = fit(model, task, config)
+        metrics = fit(model, task, config, on_epoch_end=on_epoch)
         return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
-    write_json(staging.path / CONFIG, resolved.to_dict())
+    write_json(staging.path / CONFIG, {**resolved.to_dict(), SPLITS_KEY: {"data": task.record(), "images": splits}})
 
     def save(metrics: dict, status: str) -> None:
         save_task(model, staging.path, train_config=to_dict(config), metrics=metrics, data=task, status=status)
 
-    def save_epoch(metrics: dict) -> None:
-        save(metrics, f"partial: epoch {metrics['epoch']} of {config.epochs}")
+    def end_epoch(metrics: dict) -> None:
+        if every_epoch:
+            save(metrics, f"partial: epoch {metrics['epoch']} of {config.epochs}")
+        if on_epoch is not None:
+            on_epoch(metrics)
 
     with staging:
-        metrics = fit(model, task, config, out_dir=staging.path, on_epoch_end=save_epoch if every_epoch else None)
+        each = end_epoch if every_epoch or on_epoch is not None else None
+        metrics = fit(model, task, config, out_dir=staging.path, on_epoch_end=each)
         save(metrics, "complete")
     return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
 
@@ -222,7 +236,7 @@ def run_batched(specs: list[RunSpec]) -> list[RunResult]:
     """Train runs that differ only in base lr, weight decay, momentum and seed in one pass (no folders written)."""
     start = time.perf_counter()
     built = [_build(spec) for spec in specs]
-    task, models = built[0][0], [model for _, model in built]
+    task, models = built[0][0], [model for _, model, _ in built]
     configs = [spec.train.for_method(spec.method) for spec in specs]
     metrics = fit_batched(models, task, configs)
     seconds = (time.perf_counter() - start) / len(specs)
@@ -232,15 +246,22 @@ def run_batched(specs: list[RunSpec]) -> list[RunResult]:
     ]
 
 
-def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, TaskModel]:
+def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, TaskModel, dict]:
+    """The task (its splits checked: every list and folder the run reads, before anything loads) and the model."""
     task = open_task(spec.data)
+    splits = task.summary(used_splits(spec.train))
     backbone = backbone or shared_backbone(spec.backbone)
     model = build(
         spec.method, backbone, task.num_classes, spec.prompt, spec.image_size, spec.train.seed,
         classes=task.classes, protocol=task.protocol, head_init=spec.head_init,
         head_norm=spec.head_norm, **spec.options,
     )  # fmt: skip
-    return task, model
+    return task, model, splits
+
+
+def used_splits(config: TrainConfig) -> tuple[str, ...]:
+    """The splits a run with this training configuration reads."""
+    return tuple(split for split in (config.train_split, config.val_split, config.test_split) if split)
 
 
 _BACKBONES: dict[str, Backbone] = {}

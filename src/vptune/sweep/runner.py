@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..files import write_atomic, write_json
 from .executors import Executor, run_locally
+from .halving import run_halving
 from .plan import SweepPlan
+from .report import write_report
 from .selection import choose, summarise, summary_markdown
 
 LOCK_FILE = ".lock"
@@ -25,24 +27,31 @@ def run_sweep(
     out: str | os.PathLike,
     execute: Executor = run_locally,
     progress: Callable[[dict], None] | None = None,
+    report: bool = True,
 ) -> dict:
     """Run (or resume) a sweep into ``out``; return what ``sweep.json`` holds.
 
     Args:
         plan: from :func:`plan_sweep`.
         out: the sweep folder; ``runs/<id>.json`` per finished run, the final runs' task folders in
-            ``tasks/<id>/``, ``sweep.json`` and ``summary.md`` at the end.
-        execute: where the runs execute (:func:`make_executor`: here one by one, K grid settings at a time, Ray).
+            ``tasks/<id>/``, ``sweep.json`` and ``summary.md`` at the end; with ``report``, also the tuned model
+            in ``best/`` (the seed-0 final run), ``report.md``, ``report.json`` and figures (:mod:`.report`).
+        execute: where the runs execute (:func:`make_executor`: here one by one, K grid settings at a time, Ray);
+            a budget with ``halving`` runs its grid here one by one (:mod:`.halving`), so it needs ``run_locally``.
         progress: called with each finished run's result (e.g. to update a progress bar).
+        report: write ``best/`` and the report (scores ``best/`` on test once more); a bench leaves it out.
     """
     out = Path(out)
+    _check_executor(plan, execute)
     with locked(out):
-        grid = _run_all(plan.grid_runs(), out, execute, progress)
+        grid = _run_grid(plan, out, execute, progress)
         choice = choose(grid) if grid else plan.settings[0]
         finals = _run_all(plan.final_runs(choice), out, execute, progress)
         result = summarise(plan, grid, choice, finals)
         write_json(out / SWEEP_FILE, result)
         write_atomic(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(summary_markdown(result)))
+        if report:
+            write_report(result, out, grid + finals)
     return result
 
 
@@ -78,17 +87,53 @@ def _run_all(entries: list[dict], out: Path, execute: Executor, progress) -> lis
     todo = [entry for entry in entries if done[entry["id"]] is None]
 
     def finished(entry: dict, result: dict) -> None:
-        write_json(out / "runs" / f"{entry['id']}.json", result)
+        _record(out, progress, entry, result)
         done[entry["id"]] = result
-        if progress is not None:
-            progress(result)
 
     for entry in entries:
-        if done[entry["id"]] is not None and progress is not None:
-            progress({**done[entry["id"]], "resumed": True})
+        if done[entry["id"]] is not None:
+            _resumed(progress, entry, done[entry["id"]])
     if todo:
         execute([{**entry, "save": _task_folder(out, entry)} for entry in todo], finished)
     return [done[entry["id"]] for entry in entries]
+
+
+def _run_grid(plan: SweepPlan, out: Path, execute: Executor, progress) -> list[dict]:
+    """The grid runs' results: all of them by ``execute``, or one by one with successive halving."""
+    entries = plan.grid_runs()
+    if plan.budget.halving is None or not entries:
+        return _run_all(entries, out, execute, progress)
+    done = {entry["id"]: _read_result(out, entry) for entry in entries}
+    return run_halving(
+        entries,
+        plan.budget.halving,
+        done,
+        finished=lambda entry, result: _record(out, progress, entry, result),
+        resumed=lambda entry, result: _resumed(progress, entry, result),
+    )
+
+
+def _check_executor(plan: SweepPlan, execute: Executor) -> None:
+    """A budget with halving decides epoch by epoch, one run at a time: its grid cannot go to Ray or in batches."""
+    if plan.budget.halving is not None and execute is not run_locally and plan.grid_runs():
+        raise ValueError(
+            f"budget {plan.budget.name!r} stops grid runs early by successive halving, which decides after each "
+            "epoch with one run at a time, here: drop --backend ray and --batched (the local backend, one run at "
+            "a time), or choose a budget without halving (e.g. cpu)"
+        )
+
+
+def _record(out: Path, progress, entry: dict, result: dict) -> None:
+    """Write a run's result to ``runs/<id>.json`` as it ends, and tell ``progress``."""
+    write_json(out / "runs" / f"{entry['id']}.json", result)
+    if progress is not None:
+        progress(result)
+
+
+def _resumed(progress, entry: dict, result: dict) -> None:
+    """Tell ``progress`` of a run found already written."""
+    if progress is not None:
+        progress({**result, "resumed": True})
 
 
 def _task_folder(out: Path, entry: dict) -> str | None:

@@ -10,15 +10,22 @@ from .plan import SweepPlan
 
 
 def choose(grid: list[dict]) -> dict:
-    """The setting with the best val accuracy; ties go to the smaller lr (then wd, then prompt length)."""
+    """The setting with the best val accuracy at the last epoch; ties go to the smaller lr (then wd, then prompt
+    length). A run stopped early by successive halving (``pruned_at_epoch``) loses to any that finished, whatever
+    its val accuracy (equal ones too), and a diverged run to any other."""
     ordered = sorted(grid, key=lambda r: _tie_key(r["entry"]["setting"]))
-    best = max(ordered, key=lambda r: _score(r, "val_accuracy"))  # max keeps the first of equals
+    best = max(ordered, key=_rank)  # max keeps the first of equals
     return best["entry"]["setting"]
 
 
-def _score(result: dict, key: str) -> float:
-    value = result["metrics"].get(key)
-    return -1.0 if value is None else value  # a diverged run loses to any that finished
+def _rank(result: dict) -> tuple:
+    """Finished runs by val accuracy, above stopped ones (the later stopped first, then by val), above diverged."""
+    metrics = result["metrics"]
+    if metrics.get("val_accuracy") is None:
+        return (0, 0, 0.0)
+    if "pruned_at_epoch" in metrics:
+        return (1, metrics["pruned_at_epoch"], metrics["val_accuracy"])
+    return (2, 0, metrics["val_accuracy"])
 
 
 def _tie_key(setting: dict) -> tuple:
@@ -39,9 +46,9 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
         "method": plan.method,
         "backbone": plan.backbone,
         "budget": to_dict(plan.budget),
-        "grid": [{"setting": r["entry"]["setting"], "val_accuracy": r["metrics"].get("val_accuracy")} for r in grid],
+        "grid": [_grid_row(r) for r in grid],
         "choice": choice,
-        "chosen_by": "val200 accuracy at the last epoch" if grid else "single setting: no grid to score",
+        "chosen_by": _chosen_by(grid),
         "seeds": len(finals),
         "diverged_seeds": len(finals) - len(tests),
         "test_accuracy": tests,
@@ -57,6 +64,22 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
         "runs": [r["entry"]["id"] for r in grid + finals],
         "library": first["library"],
     }
+
+
+def _grid_row(result: dict) -> dict:
+    """A grid run in ``sweep.json``: its setting and val accuracy, and the epoch it was stopped at if it was."""
+    row = {"setting": result["entry"]["setting"], "val_accuracy": result["metrics"].get("val_accuracy")}
+    if "pruned_at_epoch" in result["metrics"]:
+        row["pruned_at_epoch"] = result["metrics"]["pruned_at_epoch"]
+    return row
+
+
+def _chosen_by(grid: list[dict]) -> str:
+    if not grid:
+        return "single setting: no grid to score"
+    if any("pruned_at_epoch" in r["metrics"] for r in grid):
+        return "val accuracy at the last epoch, among the settings successive halving did not stop early"
+    return "val accuracy at the last epoch"
 
 
 COLLAPSE_MARGIN = 0.05  # a final run that trains 5 points worse than its grid run (same setting) broke down
@@ -82,6 +105,8 @@ def summary_markdown(result: dict) -> str:
     for row in result["grid"]:
         s = row["setting"]
         val = "diverged" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.2f}"
+        if "pruned_at_epoch" in row:
+            val = f"stopped at epoch {row['pruned_at_epoch']}" + ("" if row["val_accuracy"] is None else f" ({val})")
         lines.append(f"| {s['base_lr']:g} | {s['weight_decay']:g} | {s['num_tokens'] or '-'} | {val} |")
     c = result["choice"]
     lines += [
