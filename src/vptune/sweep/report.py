@@ -351,6 +351,7 @@ def plot_grid(grid: list[dict], choice: dict):
     setting starred, stopped settings hollow, diverged ones an ``x`` at 0."""
     figure, axes = _pyplot().subplots(figsize=(6.5, 4))
     groups: dict[tuple, list[dict]] = {}
+    labelled: set[str] = set()  # each kind of mark named once in the legend
     for run in grid:
         setting = run["entry"]["setting"]
         groups.setdefault((setting["weight_decay"], setting["num_tokens"]), []).append(run)
@@ -361,7 +362,7 @@ def plot_grid(grid: list[dict], choice: dict):
         xs = [r["entry"]["setting"]["base_lr"] for r in scored]
         line = axes.plot(xs, [100 * r["metrics"]["val_accuracy"] for r in scored], marker="o", label=label)[0]
         for run in members:
-            _mark_grid_point(axes, run, line.get_color())
+            _mark_grid_point(axes, run, line.get_color(), labelled)
     chosen = [r for r in grid if r["entry"]["setting"] == choice and r["metrics"].get("val_accuracy") is not None]
     for run in chosen:
         x, y = run["entry"]["setting"]["base_lr"], 100 * run["metrics"]["val_accuracy"]
@@ -373,12 +374,18 @@ def plot_grid(grid: list[dict], choice: dict):
     return figure
 
 
-def _mark_grid_point(axes, run: dict, color) -> None:
-    lr, val = run["entry"]["setting"]["base_lr"], run["metrics"].get("val_accuracy")
+def _mark_grid_point(axes, run: dict, color, labelled: set[str]) -> None:
+    """A diverged setting as an ``x`` at 0, a stopped one hollow (its val accuracy at the epoch it stopped)."""
+    lr, val, metrics = run["entry"]["setting"]["base_lr"], run["metrics"].get("val_accuracy"), run["metrics"]
+    kind = "diverged" if val is None else "stopped early (val then)" if "pruned_at_epoch" in metrics else None
+    if kind is None:
+        return
+    label = None if kind in labelled else kind
+    labelled.add(kind)
     if val is None:
-        axes.scatter(lr, 0, marker="x", color=color)
-    elif "pruned_at_epoch" in run["metrics"]:
-        axes.scatter(lr, 100 * val, marker="o", s=90, facecolors="white", edgecolors=color, zorder=4)
+        axes.scatter(lr, 0, marker="x", color=color, label=label)
+    else:
+        axes.scatter(lr, 100 * val, marker="o", s=90, facecolors="white", edgecolors=color, zorder=4, label=label)
 
 
 def plot_per_class(per_class: list[dict]):
