@@ -299,8 +299,12 @@ def save(path: Path, data) -> Path:
             lambda tmp: save(tmp / "short.pth", {"model": {k: v for k, v in timm_vit(5, 1).items() if "fc2" not in k}}),
             "lacks blocks.0.mlp.fc2",
         ),
+        (
+            lambda tmp: save(tmp / "bad.pth", {"model": timm_vit(6, 1) | {"blocks.0.attn.proj.bias": torch.ones(8)}}),
+            "not a consistent ViT",
+        ),
     ],
-    ids=["missing", "not-torch", "pickled-object", "not-a-dict", "resnet", "extra-tensor", "missing-tensor"],
+    ids=["missing", "not-torch", "pickled-object", "not-a-dict", "resnet", "extra-tensor", "missing-tensor", "shapes"],
 )
 def test_files_that_are_not_mocov3_vits_are_refused_clearly(tmp_path, make, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -55,23 +55,23 @@ def convert_mocov3(
         raise ValueError(f"{checkpoint} is not a consistent ViT: {error}") from error
     out = Path(out_folder)
     model.save_pretrained(out)
-    side = config.image_size
-    (out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "ViTImageProcessor",
-                "do_resize": True,
-                "size": {"height": side, "width": side},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": list(IMAGENET_MEAN),
-                "image_std": list(IMAGENET_STD),
-            },
-            indent=2,
-        )
-    )
+    _write_preprocessing(out, config.image_size)
     return out
+
+
+def _write_preprocessing(out: Path, side: int) -> None:
+    """MoCo v3's input: ImageNet mean and std, at the side its positions were built for."""
+    settings = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": side, "width": side},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
 
 
 def _read(path: Path) -> dict:
@@ -110,7 +110,7 @@ def timm_encoder(data: dict, encoder: str, where: str = "checkpoint") -> dict[st
             return {
                 name[len(prefix) :]: tensor
                 for name, tensor in state.items()
-                if name.startswith(prefix) and not name[len(prefix) :].startswith(("head.", "fc_norm."))
+                if name.startswith(prefix) and not name[len(prefix) :].startswith("head.")
             }
     sample = ", ".join(list(state)[:4]) or "none"
     resnet = any(name.split(".")[-2:-1] == ["conv1"] for name in state)
