@@ -310,3 +310,11 @@ def test_files_that_are_not_mocov3_vits_are_refused_clearly(tmp_path, make, mess
     with pytest.raises(ValueError, match=message):
         convert_mocov3(make(tmp_path), tmp_path / "out", heads=HEADS)
     assert not (tmp_path / "out").exists()
+
+
+def test_wrapping_leaves_the_models_own_norm_in_place() -> None:
+    hf = tiny_hf_model("mae")
+    pretrained = hf.layernorm
+    backbone = vptune.wrap_model(hf)
+    assert hf.layernorm is pretrained and backbone.model.layernorm is not pretrained
+    assert backbone.model.layers[0].mlp.fc1.weight is hf.layers[0].mlp.fc1.weight  # the same tensors, not copies

@@ -8,6 +8,8 @@ but the class token, then ``fc_norm``, a fresh LayerNorm in place of the pretrai
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, layout
@@ -21,10 +23,11 @@ FC_NORM_EPS = 1e-6  # the released code's (and MAE's) LayerNorm epsilon
 class MaeBackbone(ViTBackbone):
     """MAE's encoder: a plain pre-norm ViT whose positions are fixed 2-D sin-cos (the class position is zero).
 
-    The wrapped model's final norm (``model.layernorm``, which MAE pretraining fed to its decoder) is replaced by
+    The final norm of the model it holds (``model.layernorm``, which MAE pretraining fed to its decoder) is
     ``fc_norm``: a LayerNorm with weight 1 and bias 0, as the released code builds for every MAE transfer (it deletes
-    the pretrained norm). It is applied after pooling (:attr:`pool_before_norm`), stays frozen for VPT, linear and
-    adapters, and trains with the methods that train the final norm (full, partial-k, bias), as there.
+    the pretrained norm). The model passed in keeps its own: the backbone holds new modules over the same tensors.
+    ``fc_norm`` is applied after pooling (:attr:`pool_before_norm`), stays frozen for VPT, linear and adapters, and
+    trains with the methods that train the final norm (full, partial-k, bias), as there.
     """
 
     family = "mae"
@@ -39,6 +42,8 @@ class MaeBackbone(ViTBackbone):
     block_parts = layout("layernorm_before", "layernorm_after", **VIT_ATTENTION)
 
     def __init__(self, model: nn.Module, *args, **kwargs):
+        shared = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+        model = copy.deepcopy(model, shared)  # new modules over the same tensors: the model passed in keeps its norm
         pretrained = model.layernorm.weight
         model.layernorm = nn.LayerNorm(
             model.config.hidden_size, eps=FC_NORM_EPS, device=pretrained.device, dtype=pretrained.dtype
