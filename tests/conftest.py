@@ -17,6 +17,8 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
     ViTConfig,
+    ViTMAEConfig,
+    ViTMAEModel,
     ViTModel,
 )
 
@@ -29,10 +31,10 @@ from vptune.preprocessing import normalize
 # DINOv2-S test ~10x slower).
 torch.set_num_threads(1)
 
-FAMILIES = ("vit", "dinov2", "dinov2-registers", "clip")
+FAMILIES = ("vit", "dinov2", "dinov2-registers", "clip", "mae")
 WIDTH, DEPTH, PATCH, IMAGE = 32, 3, 4, 16
 REGISTERS = 2
-PREFIX = {"vit": 1, "dinov2": 1, "dinov2-registers": 1 + REGISTERS, "clip": 1}
+PREFIX = {"vit": 1, "dinov2": 1, "dinov2-registers": 1 + REGISTERS, "clip": 1, "mae": 1}
 # A larger init range than the default 0.02 so that attention actually mixes tokens in a 32-wide model;
 # dropout everywhere so that a backbone left in training mode would show.
 COMMON = dict(
@@ -60,6 +62,8 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         model = Dinov2WithRegistersModel(config)
     elif family == "clip":
         model = CLIPVisionModel(CLIPVisionConfig(**common, attention_dropout=0.1, initializer_factor=5.0))
+    elif family == "mae":  # masking configured as pretrained (75%): vptune must never apply it
+        model = ViTMAEModel(ViTMAEConfig(**common, **VIT_DROPOUT, mask_ratio=0.75))
     else:
         raise ValueError(family)
     with torch.no_grad():  # transformers starts biases at 0; random ones make a dropped bias visible

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,16 +21,34 @@ from vptune.prompts import PromptConfig
 SIZES = [(IMAGE, IMAGE), (24, 24), (16, 24)]
 
 
-def own_output(backbone: vptune.Backbone, family: str, x: torch.Tensor) -> torch.Tensor:
-    """What the transformers model itself computes: every token after its final norm."""
+def own_output(backbone: vptune.Backbone, family: str, x: torch.Tensor, before_norm: bool = False) -> torch.Tensor:
+    """What the transformers model itself computes: every token after its final norm (or before it)."""
     hf = backbone.model
     kwargs = {} if family.startswith("dinov2") or x.shape[-2:] == (IMAGE, IMAGE) else {"interpolate_pos_encoding": True}
-    with torch.no_grad():
-        out = hf(pixel_values=x, **kwargs)
+    if family == "mae":  # MAE's own forward masks at random: ask it to keep every patch, in order
+        patches = (x.shape[-2] // PATCH) * (x.shape[-1] // PATCH)
+        kwargs["noise"] = torch.arange(patches, dtype=torch.float32).expand(x.shape[0], -1)
+    with torch.no_grad(), unmasked(hf):
+        out = hf(pixel_values=x, output_hidden_states=before_norm, **kwargs)
+        if before_norm:
+            return out.hidden_states[-1]
         if family == "clip":  # CLIP's last_hidden_state is before its post-norm; its pooler is the normed cls
             torch.testing.assert_close(hf.post_layernorm(out.last_hidden_state)[:, 0], out.pooler_output)
             return hf.post_layernorm(out.last_hidden_state)
         return out.last_hidden_state
+
+
+@contextmanager
+def unmasked(model: nn.Module) -> Iterator[None]:
+    """ViTMAE's own forward with a mask ratio of 0 while the context lasts (other models: unchanged)."""
+    ratio = getattr(model.config, "mask_ratio", None)
+    if ratio is not None:
+        model.config.mask_ratio = 0.0
+    try:
+        yield
+    finally:
+        if ratio is not None:
+            model.config.mask_ratio = ratio
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -53,7 +73,7 @@ NEUTRAL = {
 
 @pytest.mark.parametrize("size", [IMAGE, 24])
 @pytest.mark.parametrize("case", NEUTRAL)
-def test_neutral_model_features_are_the_backbones_class_token(
+def test_neutral_model_features_are_the_backbones_own_read_out(
     backbone: vptune.Backbone, family: str, case: str, size: int
 ) -> None:
     method, prompt = NEUTRAL[case]
@@ -62,7 +82,11 @@ def test_neutral_model_features_are_the_backbones_class_token(
     with torch.no_grad():
         features = model.forward_features(x)
     assert features.shape == (3, WIDTH)
-    torch.testing.assert_close(features, own_output(backbone, family, x)[:, 0], atol=1e-6, rtol=0)
+    if backbone.pool_before_norm:  # MAE's read-out: the mean of the patch outputs through its fc_norm
+        expected = backbone.norm(own_output(backbone, family, x, before_norm=True)[:, 1:].mean(1))
+    else:
+        expected = own_output(backbone, family, x)[:, 0]
+    torch.testing.assert_close(features, expected, atol=1e-6, rtol=0)
 
 
 EXPECTED = {
@@ -70,6 +94,7 @@ EXPECTED = {
     "dinov2": ("dinov2", 1, 224, IMAGENET_MEAN),  # DINOv2 configs say 518; everyone feeds it 224
     "dinov2-registers": ("dinov2", 3, 224, IMAGENET_MEAN),
     "clip": ("clip", 1, IMAGE, CLIP_MEAN),
+    "mae": ("mae", 1, IMAGE, IMAGENET_MEAN),
 }
 
 

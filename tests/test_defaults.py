@@ -47,7 +47,8 @@ def test_the_readme_states_the_codes_defaults() -> None:
     deep, shallow = METHODS["vpt-deep"].prompt_config(), METHODS["vpt-shallow"].prompt_config()
     assert deep.num_tokens == shallow.num_tokens == readme["tokens"] == 10
     assert (deep.dropout, shallow.dropout) == (readme["deep_dropout"], readme["shallow_dropout"]) == (0.1, 0.0)
-    assert (deep.init, deep.location, deep.readout, deep.project) == ("xavier", "prepend", "cls", 0)
+    assert (deep.init, deep.location, deep.readout, deep.project) == ("xavier", "prepend", None, 0)  # None: family's
+    assert "default `cls`, on MAE `all`" in README
     assert readme["sgd_lr"] == 0.1 and readme["adamw_lr"] == 0.0005 and readme["epochs"] == 100
 
 

@@ -179,13 +179,15 @@ POOL = {
 def test_readout_pools_the_right_tokens(backbone: vptune.Backbone, readout: str) -> None:
     model = make(backbone, "vpt-deep", num_tokens=P, readout=readout).eval()
     model.skip_unread = False  # whole blocks run, so that block hooks see every token
-    normed = []
-    handle = backbone.norm.register_forward_hook(lambda module, args, output: normed.append(output))
-    with torch.no_grad():
+    with block_io(backbone) as (_, outputs), torch.no_grad():
         features = model.forward_features(pixels(backbone, 2))
-    handle.remove()
-    assert normed[0].shape == (2, backbone.num_prefix_tokens + P + PATCHES, WIDTH)
-    torch.testing.assert_close(features, POOL[readout](normed[0], backbone.num_prefix_tokens), atol=1e-6, rtol=0)
+        last, prefix = outputs[-1], backbone.num_prefix_tokens
+        assert last.shape == (2, prefix + P + PATCHES, WIDTH)
+        if backbone.pool_before_norm:  # MAE: pool the last block's outputs, then its fc_norm
+            expected = backbone.norm(POOL[readout](last, prefix))
+        else:
+            expected = POOL[readout](backbone.norm(last), prefix)
+    torch.testing.assert_close(features, expected, atol=1e-6, rtol=0)
 
 
 # --- every variant trains its prompts and nothing of the backbone ------------------------------------------------
@@ -464,7 +466,8 @@ def test_skipping_unread_outputs_changes_no_logit_and_no_gradient(backbone: vptu
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     with FlopCounterMode(display=False) as whole:
         logits_and_gradients(model, x, skip_unread=False)
-    skips = options.get("readout", "cls") == "cls" or method == "vpt-deep" or options.get("drop_after")
+    replaced = len(model.prompts.layers) > 1  # a later block's fresh prompts replace a block's prompt outputs
+    skips = model.prompt_config.readout == "cls" or replaced or options.get("drop_after")
     assert (counter.get_total_flops() < whole.get_total_flops()) == bool(skips)
 
 
@@ -474,7 +477,7 @@ def test_deep_prompts_enter_attention_without_joining_the_sequence(
 ) -> None:
     """VPT-Deep's prompts, replaced at every block, are keys and values only: no block's input holds them.
     VPT-Shallow's prompts are read by the next blocks: they stay in the sequence."""
-    model = make(backbone, method, num_tokens=P).eval()
+    model = make(backbone, method, num_tokens=P, readout="cls").eval()  # (MAE's default reads the last prompts)
     seen, run_block = [], backbone.run_block
 
     def spy(index, tokens, skip=None, context=None):

@@ -228,6 +228,17 @@ def _serve(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(admin_token=os.environ.get("VPTUNE_ADMIN_TOKEN"))  # the flag, else the environment
 
 
+def _convert_mocov3(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a MoCo v3 ViT checkpoint (.pth.tar)")
+    parser.add_argument("out_folder", metavar="OUT_FOLDER", help="where to write the transformers model folder")
+    parser.add_argument(
+        "--encoder", default="base", choices=("base", "momentum"), help="which encoder to take (default: base)"
+    )
+    parser.add_argument(
+        "--heads", type=int, help="attention heads (default: MoCo v3's for the width: 12 for ViT-S/B, 16 for L/H)"
+    )
+
+
 # name: (adds its arguments, runs it, one line of help)
 COMMANDS = {
     "train": (_train, commands.train, "train one task"),
@@ -238,6 +249,7 @@ COMMANDS = {
     "sweep": (_sweep, commands.sweep, "the paper's protocol for one task and method"),
     "bench": (_bench, commands.bench, "tasks x methods: sweeps, table, figures"),
     "serve": (_serve, commands.serve, "serve many tasks over one backbone (HTTP)"),
+    "convert-mocov3": (_convert_mocov3, commands.convert_mocov3, "a MoCo-v3 ViT checkpoint as an hf: backbone folder"),
 }
 
 

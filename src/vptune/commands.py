@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones import load_backbone
+from .backbones.mocov3 import convert_mocov3 as convert_checkpoint
 from .bench import DEFAULT_METHODS, SUITE, plan_bench, run_bench
 from .config import read_config_file
 from .data import Carving, load_split, open_task
@@ -234,4 +235,12 @@ def serve(args: argparse.Namespace) -> int:
     """Serve task folders over one frozen backbone: GET /tasks, POST /predict, POST/DELETE /tasks, /health, /metrics."""
     config = ServeConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeConfig)})
     serve_folders(args.runs, args.backbone, args.host, args.port, config)
+    return 0
+
+
+def convert_mocov3(args: argparse.Namespace) -> int:
+    """Write a MoCo-v3 ViT checkpoint (.pth.tar, read without unpickling code) as a transformers ViT folder, to use
+    as --backbone hf:OUT_FOLDER (class-token read-out, ImageNet normalisation)."""
+    out = convert_checkpoint(args.checkpoint, args.out_folder, encoder=args.encoder, heads=args.heads)
+    print(f"wrote {out}: use it as --backbone hf:{out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,14 @@ def read_out(tokens: torch.Tensor, readout: str, num_prefix: int, num_prompts: i
     return tokens[:, num_prefix:].mean(dim=1)  # "all": prompts and patches, not the class token (the released code)
 
 
+def pool(backbone: Backbone, hidden: torch.Tensor, readout: str, num_prompts: int) -> torch.Tensor:
+    """The final norm and the read-out on the last block's outputs: norm every token then pool, or, for a family
+    that pools first (MAE's ``fc_norm``), pool then norm the pooled vector."""
+    if backbone.pool_before_norm:
+        return backbone.norm(read_out(hidden, readout, backbone.num_prefix_tokens, num_prompts))
+    return read_out(backbone.norm(hidden), readout, backbone.num_prefix_tokens, num_prompts)
+
+
 class TaskModel(nn.Module):
     """One task's model: ``model(pixel_values) -> logits``.
 
@@ -37,7 +46,7 @@ class TaskModel(nn.Module):
     Args:
         backbone: the frozen backbone (or a method's own copy of it).
         num_classes: classes C (ignored when ``head`` is given).
-        prompt: the prompts' configuration (``num_tokens=0``: none).
+        prompt: the prompts' configuration (``num_tokens=0``: none; ``readout`` unset: the family's default).
         preprocessing: how images become its input (an int: that input side, the backbone's normalisation).
         method: the registry name it was built with.
         options: the method's options, as recorded in task files.
@@ -68,6 +77,8 @@ class TaskModel(nn.Module):
         skip_unread: bool = True,
     ):
         super().__init__()
+        if prompt.readout is None:
+            prompt = dataclasses.replace(prompt, readout=backbone.default_readout)
         if isinstance(preprocessing, int):
             preprocessing = Preprocessing(preprocessing, backbone.mean, backbone.std)
         self.backbone = backbone
@@ -132,8 +143,7 @@ class TaskModel(nn.Module):
             elif self.prompt_config.drop_after and layers and index == layers[-1]:
                 prefix = backbone.num_prefix_tokens  # (skip_unread off: the prompts' outputs were computed)
                 hidden, num_prompts = drop_tokens(hidden, (prefix, prefix + num_prompts)), 0
-        tokens = backbone.norm(hidden)
-        return read_out(tokens, self.prompt_config.readout, backbone.num_prefix_tokens, num_prompts)
+        return pool(backbone, hidden, self.prompt_config.readout, num_prompts)
 
     def _unread(self, index: int, length: int, num_prompts: int, layers: list[int]) -> tuple[int, int] | None:
         """Tokens whose outputs of block ``index`` nothing reads, as a ``(start, stop)`` range, or None.
@@ -208,7 +218,7 @@ class TaskModel(nn.Module):
             hidden = backbone.run_block(index, hidden, self._unread(index, hidden.shape[1], 0, []) if pooled else None)
         if point <= backbone.depth:
             return hidden
-        return read_out(backbone.norm(hidden), self.prompt_config.readout, backbone.num_prefix_tokens, 0)
+        return pool(backbone, hidden, self.prompt_config.readout, 0)
 
     def forward_from(self, cached: torch.Tensor, point: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from :meth:`trunk`'s output at ``point``; equals ``self(pixel_values)`` for that input."""

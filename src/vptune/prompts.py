@@ -38,7 +38,11 @@ class PromptConfig:
     init: str = option("xavier", "xavier = uniform(-v, v), v = sqrt(6/(3*s*s + d)); normal; zeros", choices=INITS)
     project: int = option(0, "store prompts at width k and map them to d with a trainable Linear(k, d); 0 = off")
     location: str = option("prepend", "prepend | add | prepend-pixel | concat-channel", choices=LOCATIONS)
-    readout: str = option("cls", "head input: cls token, or the mean of image, prompt or all outputs", choices=READOUTS)
+    readout: str | None = option(
+        None,
+        "head input: cls token, or the mean of image, prompt or all outputs; none: the backbone family's (MAE: all)",
+        choices=READOUTS,
+    )
     drop_after: bool = option(False, "remove the prompt tokens after the last prompted layer")
 
     def __post_init__(self) -> None:

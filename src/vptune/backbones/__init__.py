@@ -4,7 +4,7 @@ Adding a family is adding a module with a subclass that says where its model kee
 :func:`register_family`, and importing it here.
 """
 
-from . import clip, dinov2, vit  # noqa: F401  (each registers its family)
+from . import clip, dinov2, mae, vit  # noqa: F401  (each registers its family)
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, drop_tokens, split_range, whole_block
 from .clip import CLIP_MEAN, CLIP_STD, ClipBackbone, QuickGelu, quick_gelu
 from .dinov2 import Dinov2Backbone
@@ -17,6 +17,8 @@ from .loading import (
     weight_roots,
     wrap_model,
 )
+from .mae import MaeBackbone
+from .mocov3 import convert_mocov3
 from .vit import ViTBackbone
 
 __all__ = [
@@ -25,12 +27,14 @@ __all__ = [
     "FAMILIES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MaeBackbone",
     "SHORT_NAMES",
     "Backbone",
     "ClipBackbone",
     "Dinov2Backbone",
     "QuickGelu",
     "ViTBackbone",
+    "convert_mocov3",
     "drop_tokens",
     "load_backbone",
     "quick_gelu",

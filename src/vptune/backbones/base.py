@@ -50,6 +50,8 @@ class Backbone(nn.Module):
     # (another layout, or a module a user put in) runs whole. ``layer_scale1/2`` are used where a block has them.
     block_classes: ClassVar[tuple[str, ...]] = ()
     block_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    default_readout: ClassVar[str] = "cls"  # the head's input when the prompt config leaves ``readout`` unset
+    pool_before_norm: ClassVar[bool] = False  # True: the read-out pools the last block's outputs, then ``norm`` (MAE)
 
     def __init__(self, model: nn.Module, spec: str, mean: Sequence[float], std: Sequence[float], image_size: int):
         super().__init__()

@@ -17,6 +17,7 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "dinov2-base": ("dinov2-base", "facebook/dinov2-base"),
     "vit-base-in21k": ("vit-base-patch16-224-in21k", "google/vit-base-patch16-224-in21k"),
     "clip-vit-base": ("clip-vit-base-patch16", "openai/clip-vit-base-patch16"),
+    "mae-base": ("vit-mae-base", "facebook/vit-mae-base"),
 }
 SPEC_FORMS = (
     f"'hf:<hub id>' (e.g. hf:facebook/dinov2-small), 'hf:<local folder>', or a short name ({', '.join(SHORT_NAMES)})"

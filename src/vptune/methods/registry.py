@@ -59,9 +59,9 @@ class BuildContext:
     head_norm: str = "batchnorm"
 
     @property
-    def readout(self) -> str:
-        """The read-out asked for (the class token unless the prompt config says otherwise)."""
-        return self.prompt.readout if self.prompt is not None else "cls"
+    def readout(self) -> str | None:
+        """The read-out asked for (None: the backbone family's default)."""
+        return self.prompt.readout if self.prompt is not None else None
 
     def model(
         self,
