@@ -236,6 +236,15 @@ def test_token_methods_are_refused_with_the_reason(conv_family: str, method: str
         vptune.build(method, conv_backbone(conv_family), CLASSES, image_size=SIZE)
 
 
+def test_partial_counts_stages(conv_family: str) -> None:
+    backbone = conv_backbone(conv_family)
+    model = vptune.build("partial-2", backbone, CLASSES, image_size=SIZE)  # every stage
+    assert all(p.requires_grad for p in model.backbone.blocks.parameters())
+    assert not model.backbone.patch_embed.weight.requires_grad  # the stem stays frozen
+    with pytest.raises(ValueError, match="only 2 stages"):
+        vptune.build("partial-3", backbone, CLASSES, image_size=SIZE)
+
+
 @pytest.mark.parametrize("location", ["prepend", "add", "prepend-pixel", "concat-channel"])
 def test_token_locations_are_refused_with_what_to_use(location: str) -> None:
     prompt = PromptConfig(num_tokens=TOKENS, location=location)
@@ -324,6 +333,7 @@ def test_vptune_train_runs_a_bordered_convnet_end_to_end(tmp_path, saved_resnet,
     image = next((tiny_task / "images").glob("test_*.png"))
     assert main(["predict", str(out), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] in ("red", "green", "blue")
+    assert main(["inspect", str(out)]) == 0 and "pad" in capsys.readouterr().out
 
 
 def test_a_run_spec_keeps_the_default_location_through_json(saved_resnet) -> None:
