@@ -356,4 +356,5 @@ def test_the_harness_measures_a_convnet_row(tmp_path, saved_resnet, capsys) -> N
     assert all(row["step_seconds"] > 0 and row["flops_per_image"] > 0 for row in rows.values())
     assert 0 < rows["vpt-shallow"]["saved_bytes"] and rows["full"]["time_vs_full"] == 1.0
     assert set(result["inference_images_per_s"]) == {"backbone", "vpt-shallow"}
+    assert result["data_time_row"] == "vpt-shallow" and result["data_time_fraction"] > 0  # the first row here
     assert "| vpt-shallow |" in capsys.readouterr().out

@@ -305,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
         "rounds": args.rounds,
         "rows": rows,
         "inference_images_per_s": inference_rate(args),
+        "data_time_row": deep["method"],
         "data_time_fraction": data_fraction(args, deep["step_seconds"]),
         "data_time_fraction_streamed": data_fraction(args, deep["step_seconds"], streamed=True),
     }
@@ -372,7 +373,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Inference: {rates}. "
-        f"Data time with cached inputs: {100 * result['data_time_fraction']:.1f}% of a vpt-deep step as fit draws "
+        f"Data time with cached inputs: {100 * result['data_time_fraction']:.1f}% of a "
+        f"{result.get('data_time_row', 'vpt-deep')} step as fit draws "
         f"them (stacked on the device), {100 * result.get('data_time_fraction_streamed', float('nan')):.1f}% "
         "through a DataLoader.",
     ]
