@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones import load_backbone
+from .backbones import FAMILIES, load_backbone, resolve_spec
 from .data import train_batches
 from .engine import TrainConfig, autocast, make_optimizer
 from .methods import METHODS, build, get_method
@@ -215,15 +215,26 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int 
     return 2 * size**3 / _median_seconds(lambda: a @ b, device, 2, repeats)
 
 
+def default_rows(spec: str) -> list[str]:
+    """The rows of every registered method that works on the backbone ``spec`` names (only its config is read): on
+    a ConvNet, the methods with the ``convnets`` trait."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(resolve_spec(spec)).model_type
+    tokens = next((family.has_tokens for family in FAMILIES.values() if model_type in family.model_types), True)
+    return [row for row in rows() if tokens or get_method(_base_method(row)[0])[0].convnets]
+
+
 @torch.no_grad()
 def inference_rate(args: argparse.Namespace) -> dict:
-    """Images/s of the backbone alone and of a VPT-Deep model, in eval mode."""
+    """Images/s of the backbone alone and of a VPT model (VPT-Deep; on a ConvNet VPT-Shallow), in eval mode."""
     device = torch.device(args.device)
     backbone = load_backbone(args.backbone).to(device)
-    deep = build("vpt-deep", backbone, 10, PromptConfig(num_tokens=args.num_tokens), args.image_size).to(device).eval()
+    method = "vpt-deep" if backbone.has_tokens else "vpt-shallow"
+    prompted = build(method, backbone, 10, PromptConfig(num_tokens=args.num_tokens), args.image_size).to(device).eval()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     rates = {}
-    for name, fn in (("backbone", lambda: backbone(x)), ("vpt-deep", lambda: deep(x))):
+    for name, fn in (("backbone", lambda: backbone(x)), (method, lambda: prompted(x))):
         with autocast(device, args.precision):
             rates[name] = args.batch_size / _median_seconds(fn, device, args.warmup, args.repeats)
     return rates
@@ -294,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
         "rounds": args.rounds,
         "rows": rows,
         "inference_images_per_s": inference_rate(args),
+        "data_time_row": deep["method"],
         "data_time_fraction": data_fraction(args, deep["step_seconds"]),
         "data_time_fraction_streamed": data_fraction(args, deep["step_seconds"], streamed=True),
     }
@@ -357,11 +369,12 @@ def markdown(result: dict) -> str:
             f"{row['peak_memory_bytes'] / 2**20:.0f} | {row['step_memory_bytes'] / 2**20:.0f} | "
             f"{_mib(row.get('peak_rss_default_malloc_bytes'))} | {_mib(row.get('saved_bytes'))} | {versus} |"
         )
-    rates = result["inference_images_per_s"]
+    rates = ", ".join(f"{name} {rate:.1f} images/s" for name, rate in result["inference_images_per_s"].items())
     lines += [
         "",
-        f"Inference: backbone {rates['backbone']:.1f} images/s, vpt-deep {rates['vpt-deep']:.1f} images/s. "
-        f"Data time with cached inputs: {100 * result['data_time_fraction']:.1f}% of a vpt-deep step as fit draws "
+        f"Inference: {rates}. "
+        f"Data time with cached inputs: {100 * result['data_time_fraction']:.1f}% of a "
+        f"{result.get('data_time_row', 'vpt-deep')} step as fit draws "
         f"them (stacked on the device), {100 * result.get('data_time_fraction_streamed', float('nan')):.1f}% "
         "through a DataLoader.",
     ]
@@ -387,7 +400,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda ... (default: cuda if any)")
     add("--precision", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default: fp32)")
     add("--num-tokens", type=int, default=10, help="prompt tokens of the VPT rows (default: 10)")
-    add("--methods", type=_rows, default=rows(), help=f"comma-separated rows (default: all: {', '.join(rows())})")
+    add(
+        "--methods", type=_rows, default=None,
+        help=f"comma-separated rows (default: all that apply to the backbone: {', '.join(rows())})",
+    )  # fmt: skip
     add("--repeats", type=int, default=5, help="timed steps per row; the median is reported (default: 5)")
     add("--warmup", type=int, default=2, help="untimed steps before timing (default: 2)")
     add("--rounds", type=int, default=1, help="time every row this many times, round-robin (default: 1)")
@@ -413,6 +429,7 @@ def _rows(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.methods = args.methods or default_rows(args.backbone)
     if args.one:  # a child process measuring one method
         print(json.dumps(measure_method(args, args.one)))
         return 0

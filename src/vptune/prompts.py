@@ -16,10 +16,20 @@ from torch import nn
 from .backbones import Backbone, split_range
 from .config import check_fields, option
 
-LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")
+LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")  # a Transformer's (backbones with tokens)
 READOUTS = ("cls", "image", "prompt", "all")
 INITS = ("xavier", "normal", "zeros")
 PIXEL_LOCATIONS = ("prepend-pixel", "concat-channel")
+CONV_LOCATIONS = ("pad", "below")  # a ConvNet's prompts (vptune.convnet): a border of pixels, extra input channels
+
+
+class DefaultLocation(str):
+    """The location a :class:`PromptConfig` has when none was chosen: ``"prepend"`` (it equals that string and is
+    saved as it); a backbone without tokens puts its own default in its place (a ConvNet: ``"pad"``), where a
+    location the user chose is kept, and refused if it does not apply."""
+
+
+DEFAULT_LOCATION = DefaultLocation("prepend")
 
 
 @dataclass
@@ -37,7 +47,12 @@ class PromptConfig:
     dropout: float = option(0.0, "dropout on the prompt tokens (the released configs: 0.1 deep, 0.0 shallow)")
     init: str = option("xavier", "xavier = uniform(-v, v), v = sqrt(6/(3*s*s + d)); normal; zeros", choices=INITS)
     project: int = option(0, "store prompts at width k and map them to d with a trainable Linear(k, d); 0 = off")
-    location: str = option("prepend", "prepend | add | prepend-pixel | concat-channel", choices=LOCATIONS)
+    location: str = option(
+        DEFAULT_LOCATION,
+        "prepend | add | prepend-pixel | concat-channel (Transformers; default prepend) | pad | below (ConvNets; "
+        "default pad)",
+        choices=LOCATIONS + CONV_LOCATIONS,
+    )
     readout: str | None = option(
         None,
         "head input: cls token, or the mean of image, prompt or all outputs; none: the backbone family's (MAE: all)",
@@ -62,9 +77,12 @@ class PromptConfig:
         if self.readout == "prompt":
             _check(token_prompts and self.num_tokens > 0, "readout 'prompt' needs prepended prompt tokens")
             _check(not self.drop_after, "readout 'prompt' cannot read prompts that drop_after removed")
-        if self.location in PIXEL_LOCATIONS:
+        if self.location in PIXEL_LOCATIONS + CONV_LOCATIONS:
             _check(not self.deep and self.layers in (None, [0]), f"location {self.location!r} prompts the input only")
             _check(self.project == 0, f"location {self.location!r} lives in pixel space: project does not apply")
+        if self.location in CONV_LOCATIONS:
+            _check(self.dropout == 0, f"location {self.location!r} prompts are pixels: they take no dropout (set 0)")
+            _check(self.readout in (None, "cls"), "a ConvNet reads out its pooled features: leave readout unset")
         _check(not self.drop_after or token_prompts, "drop_after applies to prepended prompt tokens only")
 
     @property
@@ -115,6 +133,11 @@ class Prompts(nn.Module):
         embeddings: torch.Tensor | None = None,
     ):
         super().__init__()
+        if config.location in CONV_LOCATIONS:
+            raise ValueError(
+                f"location {config.location!r} prompts a ConvNet's pixels; {backbone.family} is a Transformer: use "
+                "prepend (the default), add, prepend-pixel or concat-channel"
+            )
         self.config = config
         self.layers = config.prompted_layers(backbone.depth)
         self.image_size = image_size

@@ -27,7 +27,7 @@ from .files import write_json
 from .head import HEAD_INITS, HEAD_NORMS
 from .methods import build, get_method
 from .model import TaskModel
-from .prompts import PromptConfig
+from .prompts import DefaultLocation, PromptConfig
 from .taskfile import RECORD, WEIGHTS, mark_partial, save_task
 
 CONFIG = "config.json"
@@ -74,7 +74,7 @@ class RunSpec:
             "method": self.method,
             "backbone": self.backbone,
             "image_size": self.image_size,
-            "prompt": to_dict(self.prompt) if self.prompt is not None else None,
+            "prompt": _prompt_dict(self.prompt) if self.prompt is not None else None,
             "options": dict(self.options),
             "train": to_dict(self.train),
             "head_init": self.head_init,
@@ -170,7 +170,7 @@ def run(
     staging = RunFolder(Path(out)) if out is not None and is_main() else None  # under torchrun only rank 0 writes
     task, model, splits = _build(spec, backbone)
     config = spec.train.for_method(model.method)
-    resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=model.prompt_config, train=config)
+    resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=_chosen(model.prompt_config), train=config)
     if staging is None:
         metrics = fit(model, task, config, on_epoch_end=on_epoch)
         return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
@@ -257,6 +257,20 @@ def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, T
         head_norm=spec.head_norm, **spec.options,
     )  # fmt: skip
     return task, model, splits
+
+
+def _chosen(prompt: PromptConfig) -> PromptConfig:
+    """``prompt`` with its location as chosen for the model (a run's resolved spec records it)."""
+    return dataclasses.replace(prompt, location=str(prompt.location))
+
+
+def _prompt_dict(prompt: PromptConfig) -> dict:
+    """A prompt configuration as JSON; a location never chosen is left out, so that it stays the backbone's default
+    when read back (``pad`` on a ConvNet)."""
+    values = to_dict(prompt)
+    if isinstance(prompt.location, DefaultLocation):
+        del values["location"]
+    return values
 
 
 def used_splits(config: TrainConfig) -> tuple[str, ...]:

@@ -10,13 +10,12 @@ import torch
 
 from .head import Head
 from .model import TaskModel
-from .prompts import Prompts
 
 
 def stackable(model: TaskModel) -> bool:
     """Whether a model's prompts can join a stack (a projection or an input channel is a per-model module)."""
     config = model.prompt_config
-    return not config.project and config.location != "concat-channel"
+    return not config.project and config.location not in ("concat-channel", "below")
 
 
 def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
@@ -29,9 +28,10 @@ def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
     prompts = None
     if first.prompts is not None:
         embeddings = torch.cat([model.prompts.embeddings.detach() for model in models])
-        prompts = Prompts(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)
+        kind = type(first.prompts)  # Prompts, or a ConvNet's BorderPrompts (the same signature)
+        prompts = kind(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)
     head = Head.stacked([model.head for model in models]) if heads else None
-    stacked = TaskModel(
+    stacked = type(first)(  # TaskModel, or a ConvNet's ConvTaskModel (the same signature)
         first.backbone, first.num_classes if heads else 1, first.prompt_config, first.preprocessing,
         method=first.method, prompts=prompts, head=head,
     )  # fmt: skip

@@ -4,9 +4,10 @@ Adding a family is adding a module with a subclass that says where its model kee
 :func:`register_family`, and importing it here.
 """
 
-from . import clip, dinov2, mae, vit  # noqa: F401  (each registers its family)
+from . import clip, convnet, dinov2, mae, vit  # noqa: F401  (each registers its family)
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, drop_tokens, split_range, whole_block
 from .clip import CLIP_MEAN, CLIP_STD, ClipBackbone, QuickGelu, quick_gelu
+from .convnet import ConvBackbone, ConvNextBackbone, ResNetBackbone
 from .dinov2 import Dinov2Backbone
 from .loading import (
     FAMILIES,
@@ -31,8 +32,11 @@ __all__ = [
     "SHORT_NAMES",
     "Backbone",
     "ClipBackbone",
+    "ConvBackbone",
+    "ConvNextBackbone",
     "Dinov2Backbone",
     "QuickGelu",
+    "ResNetBackbone",
     "ViTBackbone",
     "convert_mocov3",
     "drop_tokens",

@@ -52,6 +52,7 @@ class Backbone(nn.Module):
     block_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     default_readout: ClassVar[str] = "cls"  # the head's input when the prompt config leaves ``readout`` unset
     pool_before_norm: ClassVar[bool] = False  # True: the read-out pools the last block's outputs, then ``norm`` (MAE)
+    has_tokens: ClassVar[bool] = True  # False: a ConvNet (backbones.convnet), whose prompts are pixels
 
     def __init__(self, model: nn.Module, spec: str, mean: Sequence[float], std: Sequence[float], image_size: int):
         super().__init__()
@@ -61,9 +62,7 @@ class Backbone(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.image_size = int(image_size)
         config = model.config
-        self.width = int(config.hidden_size)
-        self.depth = int(config.num_hidden_layers)
-        self.patch_size = int(config.patch_size)
+        self.width, self.depth, self.patch_size = self.dimensions(config)
         self.in_chans = int(getattr(config, "num_channels", 3))
         self.num_prefix_tokens = 1
         self._fingerprint: str | None = None
@@ -75,6 +74,11 @@ class Backbone(nn.Module):
         self.train(False)
 
     # --- what each family provides -------------------------------------------------------------
+    @classmethod
+    def dimensions(cls, config) -> tuple[int, int, int]:
+        """Width d, depth N and patch side s from a transformers config."""
+        return int(config.hidden_size), int(config.num_hidden_layers), int(config.patch_size)
+
     @classmethod
     def native_size(cls, config) -> int:
         """The input side the family's preprocessing uses, from a transformers config."""
@@ -269,7 +273,8 @@ class Backbone(nn.Module):
             for name, tensor in sorted(self.model.state_dict().items()):
                 data = tensor.detach().to("cpu").contiguous()
                 digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
-                digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                # reshape: a 0-dim tensor (a BatchNorm's batch counter) has no byte view of its own
+                digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 

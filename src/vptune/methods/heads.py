@@ -16,7 +16,7 @@ HIDDEN_DROPOUT = 0.1  # the released code's MLP head
 
 @register(
     "linear", "frozen backbone, linear head", head_only=True, servable=True, batchable=True,
-    perf_rows=("", "-cached"), demo={"epochs": 5, "warmup_epochs": 1, "base_lr": 0.2}, demo_rank=0,
+    perf_rows=("", "-cached"), demo={"epochs": 5, "warmup_epochs": 1, "base_lr": 0.2}, demo_rank=0, convnets=True,
 )  # fmt: skip
 def _linear(context: BuildContext) -> TaskModel:
     return context.model()
@@ -24,7 +24,7 @@ def _linear(context: BuildContext) -> TaskModel:
 
 @register(
     "mlp-<k>", "frozen backbone, k-layer MLP head (k-1 hidden layers of width d: ReLU, BatchNorm, Dropout 0.1)",
-    head_only=True,
+    head_only=True, convnets=True,
 )  # fmt: skip
 def _mlp(context: BuildContext) -> TaskModel:
     width = context.backbone.width

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import to_dict
+from ..convnet import ConvTaskModel
 from ..head import HEAD_INITS, HEAD_NORMS
 from ..model import TaskModel
 from ..preprocessing import Preprocessing
@@ -69,12 +70,16 @@ class BuildContext:
         *,
         backbone: Backbone | None = None,
         head: nn.Module | None = None,
-        model_class: type[TaskModel] = TaskModel,
+        model_class: type[TaskModel] | None = None,
         **extra: Any,
     ) -> TaskModel:
-        """The task model: ``prompt`` (default none, with the read-out asked for) on ``backbone`` (default: shared)."""
+        """The task model: ``prompt`` (default none, with the read-out asked for) on ``backbone`` (default: shared);
+        ``model_class`` defaults to :class:`TaskModel`, or :class:`~vptune.convnet.ConvTaskModel` on a ConvNet."""
+        backbone = backbone or self.backbone
+        if model_class is None:
+            model_class = TaskModel if backbone.has_tokens else ConvTaskModel
         return model_class(
-            backbone or self.backbone,
+            backbone,
             self.num_classes,
             prompt or PromptConfig(num_tokens=0, readout=self.readout),
             self.preprocessing,
@@ -111,6 +116,7 @@ class Method:
         perf_rows: the performance harness's rows for it, as suffixes of its name (``""``: the plain row).
         demo: its training schedule in ``vptune demo``.
         demo_rank: its place among the demo's default methods (None: not one of them).
+        convnets: it works on a backbone without tokens (a ConvNet); other methods are refused there.
     """
 
     name: str
@@ -128,6 +134,7 @@ class Method:
     perf_rows: tuple[str, ...] = ()
     demo: dict = field(default_factory=lambda: dict(DEMO_SCHEDULE))
     demo_rank: int | None = None
+    convnets: bool = False
 
     @property
     def prompted(self) -> bool:
@@ -223,6 +230,7 @@ def build(
         **options: the method's options (e.g. ``reduction=8`` for ``adapter``; :attr:`Method.options`).
     """
     spec, k = get_method(method)
+    _check_family(spec, backbone)
     for name, value, choices in (("head_init", head_init, HEAD_INITS), ("head_norm", head_norm, HEAD_NORMS)):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
@@ -238,6 +246,16 @@ def build(
         spec.make_options(options), k, classes, head_init, head_norm,
     )  # fmt: skip
     return spec.builder(context)
+
+
+def _check_family(method: Method, backbone: Backbone) -> None:
+    if backbone.has_tokens or method.convnets:
+        return
+    usable = ", ".join(name for name, registered in METHODS.items() if registered.convnets)
+    raise ValueError(
+        f"method {method.name!r} ({method.summary}) works on a Transformer's tokens and blocks; a ConvNet "
+        f"({backbone.family}) has no tokens: use one of {usable} (prompts: vpt-shallow with --location pad or below)"
+    )
 
 
 def _check_patch_size(image_size: int, patch_size: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..backbones import ConvBackbone
+from ..convnet import conv_prompt
 from ..model import TaskModel
 from ..prompts import PromptConfig
 from .registry import BuildContext, register
@@ -18,12 +20,14 @@ def prompted_model(context: BuildContext, deep: bool, backbone=None) -> TaskMode
     """The asked (or default) prompts, shallow or deep, on ``backbone`` (default the shared one).
 
     ``concat-channel`` prompts widen the patch embedding, which then trains whole (as the released code does): on
-    a copy of the backbone.
+    a copy of the backbone. On a ConvNet (no tokens): :func:`convnet_model`.
     """
     prompt = context.prompt or PromptConfig(**(DEEP_PROMPT if deep else SHALLOW_PROMPT))
     if not deep and prompt.layers is not None and len(prompt.layers) > 1:
         raise ValueError("vpt-shallow prompts one block: give at most one layer, or use vpt-deep")
     backbone = backbone or context.backbone
+    if not backbone.has_tokens:
+        return convnet_model(context, prompt, backbone)
     if prompt.location == "concat-channel":
         embedding = backbone.names_of(backbone.patch_embed)
         trained = {name for name, p in backbone.named_parameters() if p.requires_grad}  # e.g. vpt-deep+bias's
@@ -31,9 +35,19 @@ def prompted_model(context: BuildContext, deep: bool, backbone=None) -> TaskMode
     return context.model(dataclasses.replace(prompt, deep=deep), backbone=backbone)
 
 
+def convnet_model(context: BuildContext, prompt: PromptConfig, backbone: ConvBackbone) -> TaskModel:
+    """VPT on a ConvNet: a border of pixels (``pad``, the default) on the shared backbone, or extra input channels
+    (``below``) through a widened first convolution that trains, on a copy of the backbone."""
+    prompt = conv_prompt(prompt, backbone)
+    if prompt.enabled and prompt.location == "below":
+        backbone = backbone.own_copy()
+        backbone.widen_input(prompt.num_tokens, context.generator)
+    return context.model(prompt, backbone=backbone)
+
+
 @register(
-    "vpt-shallow", "prompts before the first block (VPT-Shallow)", prompt=SHALLOW_PROMPT, servable=True,
-    batchable=True, perf_rows=("",), demo=VPT_DEMO, demo_rank=1,
+    "vpt-shallow", "prompts before the first block (VPT-Shallow; on a ConvNet a border of pixels)",
+    prompt=SHALLOW_PROMPT, servable=True, batchable=True, perf_rows=("",), demo=VPT_DEMO, demo_rank=1, convnets=True,
 )  # fmt: skip
 def _vpt_shallow(context: BuildContext) -> TaskModel:
     return prompted_model(context, deep=False)
