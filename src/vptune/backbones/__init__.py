@@ -4,7 +4,7 @@ Adding a family is adding a module with a subclass that says where its model kee
 :func:`register_family`, and importing it here.
 """
 
-from . import clip, dinov2, vit  # noqa: F401  (each registers its family)
+from . import clip, dinov2, swin, vit  # noqa: F401  (each registers its family)
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, drop_tokens, split_range, whole_block
 from .clip import CLIP_MEAN, CLIP_STD, ClipBackbone, QuickGelu, quick_gelu
 from .dinov2 import Dinov2Backbone
@@ -17,6 +17,7 @@ from .loading import (
     weight_roots,
     wrap_model,
 )
+from .swin import SwinBackbone
 from .vit import ViTBackbone
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ClipBackbone",
     "Dinov2Backbone",
     "QuickGelu",
+    "SwinBackbone",
     "ViTBackbone",
     "drop_tokens",
     "load_backbone",

@@ -50,6 +50,8 @@ class Backbone(nn.Module):
     # (another layout, or a module a user put in) runs whole. ``layer_scale1/2`` are used where a block has them.
     block_classes: ClassVar[tuple[str, ...]] = ()
     block_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # A family whose token grid changes between stages (Swin): the prompted forward is its own (``staged_features``)
+    staged: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, spec: str, mean: Sequence[float], std: Sequence[float], image_size: int):
         super().__init__()
@@ -111,6 +113,13 @@ class Backbone(nn.Module):
     def after_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """Anything the family inserts after positions (registers) or applies before block 1 (CLIP's pre-norm)."""
         return tokens
+
+    def block_width(self, index: int) -> int:
+        """Block ``index``'s token width (the same for every block of a plain ViT)."""
+        return self.width
+
+    def check_prompt(self, config) -> None:
+        """Refuse, with the reason, a prompt configuration (a :class:`~vptune.PromptConfig`) the family cannot take."""
 
     # --- shared behaviour ----------------------------------------------------------------------
     def embed(self, pixel_values: torch.Tensor, patch_delta: torch.Tensor | None = None) -> torch.Tensor:
