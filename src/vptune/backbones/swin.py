@@ -53,7 +53,8 @@ class SwinBackbone(Backbone):
         self.stage_depths = [len(stage.blocks) for stage in self.model.encoder.layers]
         self.stage_widths = [int(config.embed_dim) * 2**i for i in range(len(self.stage_depths))]
         self.depth = sum(self.stage_depths)
-        self._stage = [i for i, depth in enumerate(self.stage_depths) for _ in range(depth)]
+        self._stage = [i for i, depth in enumerate(self.stage_depths) for _ in range(depth)]  # of each block
+        self._position = [j for depth in self.stage_depths for j in range(depth)]  # in its stage
 
     @property
     def patch_embed(self) -> nn.Conv2d:
@@ -147,7 +148,7 @@ class SwinBackbone(Backbone):
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Block ``index`` and, where its stage ends before the last, the stage's patch merging."""
         stage = self.model.encoder.layers[self._stage[index]]
-        block = stage.blocks[index - sum(self.stage_depths[: self._stage[index]])]
+        block = stage.blocks[self._position[index]]
         patches, prompts = prompted_block(block, patches, prompts, dims, self._window(index, dims))
         if block is stage.blocks[-1] and stage.downsample is not None:
             return *merge_patches(stage.downsample, patches, prompts, dims), ((dims[0] + 1) // 2, (dims[1] + 1) // 2)
@@ -156,14 +157,14 @@ class SwinBackbone(Backbone):
     def _window(self, index: int, dims: tuple[int, int]) -> tuple[int, int]:
         """Block ``index``'s window side and shift on a grid ``dims``; a grid no larger than the window is one
         unshifted window, as transformers does."""
-        window, shifted = self.window_size, index - sum(self.stage_depths[: self._stage[index]])
+        window = self.window_size
         if min(dims) < window:
             raise ValueError(
                 f"Swin: stage {self._stage[index] + 1} sees a {dims[0]}x{dims[1]} grid, smaller than the window "
                 f"({window}): use larger images (at least {window * self.patch_size * 2 ** self._stage[index]} "
                 "pixels a side)"
             )
-        return window, 0 if min(dims) == window or shifted % 2 == 0 else window // 2
+        return window, 0 if min(dims) == window or self._position[index] % 2 == 0 else window // 2
 
 
 def prompted_block(
