@@ -425,3 +425,15 @@ def test_vptune_train_on_a_saved_swin_folder(tmp_path, tiny_task) -> None:
     assert record["trainable_parameters"] == 2 * 2 * 16 + 2 * 2 * 32 + 32 * 3 + 3
     loaded = vptune.load_task(out)
     assert loaded.prompts.embeddings.shape == (1, 1, 2, 16 + 16 + 32 + 32)
+
+
+def test_prompt_dropout_draws_a_mask_per_sample_and_only_while_training() -> None:
+    backbone = swin_backbone()
+    model = make("vpt-deep", backbone, prompt=PromptConfig(num_tokens=4, dropout=0.5))
+    x = pixels(batch=1).expand(2, -1, -1, -1)  # the same image twice
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train = model.train().forward_features(x)
+        assert not torch.equal(train[0], train[1])
+        served = model.eval().forward_features(x)
+    assert torch.equal(served[0], served[1])
