@@ -131,6 +131,8 @@ class TaskModel(nn.Module):
         """Run blocks ``start..N-1`` (with prompts), the final norm and the read-out on ``hidden``."""
         backbone, prompts = self.backbone, self.prompts
         layers = prompts.layers if prompts is not None else []
+        if backbone.staged:
+            return self._staged_features(hidden, start, task_ids, layers)
         num_prompts = 0
         for index in range(start, backbone.depth):
             context = self._prompt_context(index, hidden, num_prompts, task_ids, layers) if index in layers else None
@@ -144,6 +146,15 @@ class TaskModel(nn.Module):
                 prefix = backbone.num_prefix_tokens  # (skip_unread off: the prompts' outputs were computed)
                 hidden, num_prompts = drop_tokens(hidden, (prefix, prefix + num_prompts)), 0
         return pool(backbone, hidden, self.prompt_config.readout, num_prompts)
+
+    def _staged_features(
+        self, hidden: torch.Tensor, start: int, task_ids: torch.Tensor | None, layers: list[int]
+    ) -> torch.Tensor:
+        """A family with its own prompted forward (Swin): each prompted block's tokens, handed over by block."""
+        batch, config = hidden.shape[0], self.prompt_config
+        fresh = {i: self.prompts.tokens(i, task_ids, self.backbone, batch) for i in layers if i >= start}
+        drop_after = layers[-1] if config.drop_after and layers else None
+        return self.backbone.staged_features(hidden, start, fresh, config.readout, drop_after, self._recompute)
 
     def _unread(self, index: int, length: int, num_prompts: int, layers: list[int]) -> tuple[int, int] | None:
         """Tokens whose outputs of block ``index`` nothing reads, as a ``(start, stop)`` range, or None.
@@ -214,10 +225,13 @@ class TaskModel(nn.Module):
         backbone = self.backbone
         hidden = backbone.embed(pixel_values)
         pooled = point > backbone.depth and self.skip_unread  # then only the read-out's tokens leave the last block
+        pooled = pooled and not backbone.staged
         for index in range(min(point, backbone.depth)):
             hidden = backbone.run_block(index, hidden, self._unread(index, hidden.shape[1], 0, []) if pooled else None)
         if point <= backbone.depth:
             return hidden
+        if backbone.staged:
+            return self.features_from(hidden, backbone.depth)  # the family's own norm and read-out
         return pool(backbone, hidden, self.prompt_config.readout, 0)
 
     def forward_from(self, cached: torch.Tensor, point: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:

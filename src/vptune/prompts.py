@@ -109,6 +109,17 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(f"PromptConfig: {message}")
 
 
+def _set_widths(config: PromptConfig, backbone: Backbone, layers: list[int]) -> list[int]:
+    """The width of each stored prompt set: its block's (one set when shared, which needs one width)."""
+    widths = [backbone.block_width(layer) for layer in layers]
+    if config.shared and len(set(widths)) > 1:
+        raise ValueError(
+            f"PromptConfig: shared prompts need blocks of one width, but blocks {layers} have widths {widths}: "
+            "prompt blocks of one stage, or leave shared off"
+        )
+    return widths[:1] if config.shared else widths
+
+
 def xavier_bound(patch_size: int, width: int) -> float:
     """The paper's init bound sqrt(6 / (3*s*s + d)) (Xavier-uniform with the patch embedding's fan-in)."""
     return math.sqrt(6.0 / (3 * patch_size * patch_size + width))
@@ -119,8 +130,9 @@ class Prompts(nn.Module):
 
     ``embeddings`` has shape (T, S, n, k): T tasks, S prompt sets (1 when shared, else one per prompted
     layer), n tokens (p for prepend; every token for add; C*s*s pixels per patch for prepend-pixel; H*W for
-    concat-channel), k the stored width. ``embeddings`` given: those values (T tasks' prompts, e.g. stacked from
-    several models), else T = ``num_tasks`` sets initialised as the paper does.
+    concat-channel), k the stored width. On a backbone whose blocks differ in width (Swin) the sets lie side by
+    side instead, each at its block's width: (T, 1, n, sum of the widths). ``embeddings`` given: those values (T
+    tasks' prompts, e.g. stacked from several models), else T = ``num_tasks`` sets initialised as the paper does.
     """
 
     def __init__(
@@ -138,12 +150,15 @@ class Prompts(nn.Module):
                 f"location {config.location!r} prompts a ConvNet's pixels; {backbone.family} is a Transformer: use "
                 "prepend (the default), add, prepend-pixel or concat-channel"
             )
+        backbone.check_prompt(config)
         self.config = config
         self.layers = config.prompted_layers(backbone.depth)
+        self.widths = _set_widths(config, backbone, self.layers)
+        self.side_by_side = any(width != backbone.width for width in self.widths)
         self.image_size = image_size
         self.num_prefix = backbone.num_prefix_tokens
         self.patch_size = backbone.patch_size
-        sets = 1 if config.shared else len(self.layers)
+        sets = 1 if config.shared or self.side_by_side else len(self.layers)
         given = embeddings is not None
         shape = (num_tasks, sets, *self._shape(backbone))
         self.embeddings = nn.Parameter(embeddings.detach().clone() if given else torch.empty(shape))
@@ -165,13 +180,14 @@ class Prompts(nn.Module):
             return self.config.num_tokens, backbone.in_chans * self.patch_size**2
         if location == "concat-channel":
             return self.config.num_tokens, self.image_size**2
-        return self.config.num_tokens, width
+        return self.config.num_tokens, sum(self.widths) if self.side_by_side else width
 
     def reset_parameters(self, backbone: Backbone, generator: torch.Generator | None = None) -> None:
         """Initialise as the paper does (``init``), the projection as the released code does."""
         with torch.no_grad():
             if self.config.init == "xavier":
-                bound = xavier_bound(backbone.patch_size, self.config.project or backbone.width)
+                # the first block's width: the width of ViT; Swin's first stage's for every stage (the released code)
+                bound = xavier_bound(backbone.patch_size, self.config.project or backbone.block_width(0))
                 self.embeddings.uniform_(-bound, bound, generator=generator)
             elif self.config.init == "normal":
                 self.embeddings.normal_(0.0, 0.02, generator=generator)
@@ -192,7 +208,11 @@ class Prompts(nn.Module):
     def select(self, layer: int, task_ids: torch.Tensor | None) -> torch.Tensor:
         """The prompt tokens for ``layer``: (B, n, k) per sample, or (1, n, k) broadcast when task_ids is None."""
         index = 0 if self.config.shared else self.layers.index(layer)
-        stored = self.embeddings[:, index]
+        if self.side_by_side:
+            start = sum(self.widths[:index])
+            stored = self.embeddings[:, 0, :, start : start + self.widths[index]]
+        else:
+            stored = self.embeddings[:, index]
         return stored[:1] if task_ids is None else stored[task_ids]
 
     def tokens(self, layer: int, task_ids: torch.Tensor | None, backbone: Backbone, batch: int) -> torch.Tensor:

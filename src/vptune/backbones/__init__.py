@@ -4,7 +4,7 @@ Adding a family is adding a module with a subclass that says where its model kee
 :func:`register_family`, and importing it here.
 """
 
-from . import clip, convnet, dinov2, mae, vit  # noqa: F401  (each registers its family)
+from . import clip, convnet, dinov2, mae, swin, vit  # noqa: F401  (each registers its family)
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, drop_tokens, split_range, whole_block
 from .clip import CLIP_MEAN, CLIP_STD, ClipBackbone, QuickGelu, quick_gelu
 from .convnet import ConvBackbone, ConvNextBackbone, ResNetBackbone
@@ -20,6 +20,7 @@ from .loading import (
 )
 from .mae import MaeBackbone
 from .mocov3 import convert_mocov3
+from .swin import SwinBackbone
 from .vit import ViTBackbone
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Dinov2Backbone",
     "QuickGelu",
     "ResNetBackbone",
+    "SwinBackbone",
     "ViTBackbone",
     "convert_mocov3",
     "drop_tokens",

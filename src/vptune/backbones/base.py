@@ -53,6 +53,8 @@ class Backbone(nn.Module):
     default_readout: ClassVar[str] = "cls"  # the head's input when the prompt config leaves ``readout`` unset
     pool_before_norm: ClassVar[bool] = False  # True: the read-out pools the last block's outputs, then ``norm`` (MAE)
     has_tokens: ClassVar[bool] = True  # False: a ConvNet (backbones.convnet), whose prompts are pixels
+    # A family whose token grid changes between stages (Swin): the prompted forward is its own (``staged_features``)
+    staged: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, spec: str, mean: Sequence[float], std: Sequence[float], image_size: int):
         super().__init__()
@@ -117,6 +119,13 @@ class Backbone(nn.Module):
     def after_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """Anything the family inserts after positions (registers) or applies before block 1 (CLIP's pre-norm)."""
         return tokens
+
+    def block_width(self, index: int) -> int:
+        """Block ``index``'s token width (the same for every block of a plain ViT)."""
+        return self.width
+
+    def check_prompt(self, config) -> None:
+        """Refuse, with the reason, a prompt configuration (a :class:`~vptune.PromptConfig`) the family cannot take."""
 
     # --- shared behaviour ----------------------------------------------------------------------
     def embed(self, pixel_values: torch.Tensor, patch_delta: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ def _adapter(context: BuildContext) -> TaskModel:
     copy = context.backbone.own_copy()
     for index in range(copy.depth):
         linear = copy.mlp_output(index)
-        adapter = Adapter(copy.width, context.options.reduction, context.generator)
+        adapter = Adapter(linear.out_features, context.options.reduction, context.generator)  # the block's width
         replace_submodule(copy.blocks[index], linear, AdapterAfter(linear, adapter))
     return context.model(backbone=copy)
 
