@@ -4,7 +4,7 @@ Adding a family is adding a module with a subclass that says where its model kee
 :func:`register_family`, and importing it here.
 """
 
-from . import clip, convnet, dinov2, mae, swin, vit  # noqa: F401  (each registers its family)
+from . import clip, convnet, dinov2, mae, swin, timm_vit, vit  # noqa: F401  (each registers its family)
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, drop_tokens, split_range, whole_block
 from .clip import CLIP_MEAN, CLIP_STD, ClipBackbone, QuickGelu, quick_gelu
 from .convnet import ConvBackbone, ConvNextBackbone, ResNetBackbone
@@ -12,6 +12,7 @@ from .dinov2 import Dinov2Backbone
 from .loading import (
     FAMILIES,
     SHORT_NAMES,
+    SPEC_LOADERS,
     load_backbone,
     register_family,
     resolve_spec,
@@ -21,6 +22,7 @@ from .loading import (
 from .mae import MaeBackbone
 from .mocov3 import convert_mocov3
 from .swin import SwinBackbone
+from .timm_vit import TimmViTBackbone
 from .vit import ViTBackbone
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "IMAGENET_STD",
     "MaeBackbone",
     "SHORT_NAMES",
+    "SPEC_LOADERS",
     "Backbone",
     "ClipBackbone",
     "ConvBackbone",
@@ -39,6 +42,7 @@ __all__ = [
     "QuickGelu",
     "ResNetBackbone",
     "SwinBackbone",
+    "TimmViTBackbone",
     "ViTBackbone",
     "convert_mocov3",
     "drop_tokens",

@@ -63,7 +63,7 @@ class Backbone(nn.Module):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.image_size = int(image_size)
-        config = model.config
+        config = self.config_of(model)
         self.width, self.depth, self.patch_size = self.dimensions(config)
         self.in_chans = int(getattr(config, "num_channels", 3))
         self.num_prefix_tokens = 1
@@ -76,6 +76,11 @@ class Backbone(nn.Module):
         self.train(False)
 
     # --- what each family provides -------------------------------------------------------------
+    @classmethod
+    def config_of(cls, model: nn.Module):
+        """The model's configuration as the methods below read it (a transformers model's ``config``)."""
+        return model.config
+
     @classmethod
     def dimensions(cls, config) -> tuple[int, int, int]:
         """Width d, depth N and patch side s from a transformers config."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,10 +21,13 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "mae-base": ("vit-mae-base", "facebook/vit-mae-base"),
 }
 SPEC_FORMS = (
-    f"'hf:<hub id>' (e.g. hf:facebook/dinov2-small), 'hf:<local folder>', or a short name ({', '.join(SHORT_NAMES)})"
+    f"'hf:<hub id>' (e.g. hf:facebook/dinov2-small), 'hf:<local folder>', 'timm:<model name>[@<weights file>]', or "
+    f"a short name ({', '.join(SHORT_NAMES)})"
 )
 
 FAMILIES: dict[str, type[Backbone]] = {}
+# Loaders of spec forms other than Hub models and short names, by prefix (``"timm:"``): a family module adds its own
+SPEC_LOADERS: dict[str, Callable[[str, torch.dtype], Backbone]] = {}
 
 
 def register_family(family: type[Backbone]) -> type[Backbone]:
@@ -49,7 +53,8 @@ def wrap_model(model: nn.Module, spec: str = "custom", preprocessing: dict | Non
     if family is None:
         supported = ", ".join(name for family in FAMILIES.values() for name in family.model_classes)
         raise ValueError(f"unsupported backbone class {kind}; supported: {supported}")
-    prep = {"mean": family.default_mean, "std": family.default_std, "image_size": family.native_size(model.config)}
+    size = family.native_size(family.config_of(model))
+    prep = {"mean": family.default_mean, "std": family.default_std, "image_size": size}
     prep.update(preprocessing or {})
     return family(model, spec, prep["mean"], prep["std"], prep["image_size"])
 
@@ -83,12 +88,16 @@ def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> Backbone:
     """Load a frozen pretrained backbone.
 
     Args:
-        spec: ``"hf:<hub id>"``, ``"hf:<local folder>"`` or a short name such as ``"dinov2-small"``
-            (``$VPTUNE_WEIGHTS/dinov2-small-imgfocus``, default ``../shared/weights``, else the Hub).
+        spec: ``"hf:<hub id>"``, ``"hf:<local folder>"``, a short name such as ``"dinov2-small"``
+            (``$VPTUNE_WEIGHTS/dinov2-small-imgfocus``, default ``../shared/weights``, else the Hub), or
+            ``"timm:<model name>[@<weights file>]"`` (needs the optional timm package; see ``backbones.timm_vit``).
         dtype: weight dtype.
     """
     from transformers import AutoConfig
 
+    loader = next((load for prefix, load in SPEC_LOADERS.items() if spec.startswith(prefix)), None)
+    if loader is not None:
+        return loader(spec, dtype)
     source = resolve_spec(spec)
     try:
         config = AutoConfig.from_pretrained(source)
