@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the performance issue in one short run, on a CUDA machine with python3, torch and transformers:
 # the CUDA tests, then `python -m vptune.perf` on ViT-B/16 and on DINOv2 ViT-S/14 at 224x224, bf16, batch 128,
-# eager rows first, then the tests, compiled rows and a profile of a VPT-Deep step (most wanted first).
+# eager rows first, then the tests, compiled rows and a profile of a VPT-Deep step (most wanted first), then the
+# timm adapter's tests (tests/test_timm.py; timm is pip-installed if missing).
 # The backbones are random weights of the real architectures (ViTConfig() is ViT-B/16; the DINOv2 config is
 # dinov2-small's): a step's time, memory and FLOPs do not depend on the weights' values, and nothing is downloaded.
 #
@@ -51,4 +52,9 @@ perf vitb16-compiled 100 --backbone "hf:$models/vit-b16" --methods vpt-deep-comp
 stamp profile
 timeout 25 python3 -m vptune.perf --backbone "hf:$models/vit-b16" --image-size 224 --batch-size 128 --precision bf16 \
   --repeats 3 --warmup 3 --methods vpt-deep --profile "${extra[@]}" 2>&1 | tee "$out/profile.txt" >/dev/null
+# timm (optional in vptune, needs torchvision): installed here if missing (TIMM_WHEELS: a folder of wheels, offline)
+stamp "timm tests"
+python3 -c "import timm" 2>/dev/null || timeout 180 python3 -m pip install -q ${TIMM_WHEELS:+--no-index --find-links "$TIMM_WHEELS"} \
+  timm 2>&1 | tail -3 | tee -a "$out/env.txt"
+timeout "${TIMM_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_timm.py 2>&1 | tail -25 | tee "$out/timm.txt"
 stamp "done: $(ls "$out" | tr '\n' ' ')"
