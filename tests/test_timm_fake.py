@@ -22,6 +22,7 @@ from torch import nn
 import vptune
 from vptune.backbones import TimmViTBackbone, load_backbone
 from vptune.backbones.timm_vit import INSTALL_HINT, parse_spec
+from vptune.perf import default_rows, rows
 
 WIDTH, DEPTH, HEADS, PATCH, IMAGE = 32, 3, 2, 4, 16
 
@@ -283,3 +284,9 @@ def test_prompted_forward_equals_a_written_out_reference() -> None:
             tokens = block(torch.cat([tokens[:, :prefix], prompts, after], 1))
         expected = F.layer_norm(tokens, (WIDTH,), vit.norm.weight, vit.norm.bias)[:, 0]
         torch.testing.assert_close(model.forward_features(x), expected, atol=1e-5, rtol=0)
+
+
+def test_the_performance_harness_rows_of_a_timm_spec_leave_lora_out() -> None:
+    chosen = default_rows("timm:vit_base_patch16_224")  # nothing loaded: the spec says it is a ViT
+    assert "lora" not in chosen and {"vpt-deep", "full", "adapter"} <= set(chosen)
+    assert set(rows()) - set(chosen) == {"lora"}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones import FAMILIES, load_backbone, resolve_spec
+from .backbones import FAMILIES, SPEC_LOADERS, load_backbone, resolve_spec
 from .data import train_batches
 from .engine import TrainConfig, autocast, make_optimizer
 from .methods import METHODS, build, get_method
@@ -220,6 +220,8 @@ def default_rows(spec: str) -> list[str]:
     a ConvNet, the methods with the ``convnets`` trait."""
     from transformers import AutoConfig
 
+    if any(spec.startswith(prefix) for prefix in SPEC_LOADERS):  # timm: a ViT whose fused qkv LoRA cannot take
+        return [row for row in rows() if _base_method(row)[0] != "lora"]
     model_type = AutoConfig.from_pretrained(resolve_spec(spec)).model_type
     tokens = next((family.has_tokens for family in FAMILIES.values() if model_type in family.model_types), True)
     return [row for row in rows() if tokens or get_method(_base_method(row)[0])[0].convnets]
