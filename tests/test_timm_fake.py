@@ -9,6 +9,7 @@ parsing, fingerprint and task files; tests/test_timm.py runs the same checks aga
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -22,6 +23,7 @@ from torch import nn
 import vptune
 from vptune.backbones import TimmViTBackbone, load_backbone
 from vptune.backbones.timm_vit import INSTALL_HINT, parse_spec
+from vptune.cli import main
 from vptune.perf import default_rows, rows
 
 WIDTH, DEPTH, HEADS, PATCH, IMAGE = 32, 3, 2, 4, 16
@@ -290,3 +292,18 @@ def test_the_performance_harness_rows_of_a_timm_spec_leave_lora_out() -> None:
     chosen = default_rows("timm:vit_base_patch16_224")  # nothing loaded: the spec says it is a ViT
     assert "lora" not in chosen and {"vpt-deep", "full", "adapter"} <= set(chosen)
     assert set(rows()) - set(chosen) == {"lora"}
+
+
+def test_vptune_train_on_a_timm_spec(fake_timm, tmp_path, tiny_task) -> None:
+    weights = tmp_path / "vit.safetensors"
+    save_file(fake_backbone(seed=5).model.state_dict(), str(weights))
+    out, spec = tmp_path / "run", f"timm:vit_fake@{weights}"
+    argv = ["train", "--data", str(tiny_task), "--backbone", spec, "--image-size", "16", "--out", str(out)]
+    argv += ["--method", "vpt-deep", "--num-tokens", "2", "--epochs", "1", "--batch-size", "8", "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((out / "vptune.json").read_text())
+    assert record["backbone"]["spec"] == f"timm:vit_fake@{weights.resolve()}"
+    assert record["backbone"]["family"] == "timm-vit"
+    assert record["trainable_parameters"] == DEPTH * 2 * WIDTH + WIDTH * 3 + 3
+    loaded = vptune.load_task(out)
+    assert loaded.backbone.fingerprint() == record["backbone"]["fingerprint"]

@@ -32,7 +32,8 @@ class TimmViTBackbone(Backbone):
     """A timm ``VisionTransformer``: class token (and registers), learned positions, optional pre-norm.
 
     Positions follow the model's ``no_embed_class``: added to every token, or to the patches only (the class and
-    register tokens then carry none). ``pos_drop`` and ``norm_pre`` apply after positions, as in timm. The read-out
+    register tokens then carry none). ``pos_drop`` and ``norm_pre`` apply after positions, as in timm; ``patch_drop``
+    (training-time patch dropout) never runs: every patch is kept, as prompts sit at fixed places. The read-out
     is timm's ``forward_head(pre_logits=True)``: the class token after ``norm`` (``global_pool="token"``), or the
     mean of the patch tokens, through ``fc_norm`` where the model has one (``global_pool="avg"``).
     """
