@@ -160,12 +160,12 @@ def test_other_families_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("timm:vit_base", "unknown backbone spec"), ("resnet50", "unknown backbone spec"), ("hf:", "empty")],
+    [("torchvision:vit_b_16", "unknown backbone spec"), ("resnet50", "unknown backbone spec"), ("hf:", "empty")],
 )
 def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
         vptune.load_backbone(spec)
-    assert "dinov2-small" in str(error.value)  # the message lists the accepted forms
+    assert "dinov2-small" in str(error.value) and "timm:<model name>" in str(error.value)  # the accepted forms
 
 
 def test_load_backbone_from_a_saved_folder(tmp_path, family: str) -> None:
