@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Advance a `vptune bench` on a CUDA machine, resumably: one `vptune bench` process per task, all at once (at the cpu
+# budget's 56x56 a step is launch-bound, so one process leaves the GPU mostly idle). Runs already finished under
+# RESULTS (the JSON committed by an earlier machine) are copied in first and skipped; every finished run's JSON goes
+# into OUT/results.tgz every 20 s, so a call cut off at its time limit keeps what finished. Unpack it into RESULTS
+# and commit: the next machine continues from there.
+#
+#   benchmarks/gpu-bench.sh OUT                     # from the repository root, with the data and weights in place
+#   env: BUDGET (cpu), METHODS (linear,vpt-shallow,vpt-deep,full), SEEDS (3), TASKS (the 9-task suite),
+#        RESULTS (benchmarks/results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480), TIMM (1: also run
+#        tests/test_timm.py beside the bench, where timm imports)
+#   a dry run on a CPU:
+#   PYTHON=.venv/bin/python VPTUNE_DATA=../shared/data BUDGET=smoke SEEDS=1 TASKS=retinamnist,dsprites_loc TIMM=0 benchmarks/gpu-bench.sh runs/dry
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu-bench.sh OUT}
+budget=${BUDGET:-cpu} methods=${METHODS:-linear,vpt-shallow,vpt-deep,full} seeds=${SEEDS:-3}
+tasks=${TASKS:-caltech101,cifar10,signdigits,flowers12,eurosat,retinamnist,dsprites_loc,dsprites_ori,coil20_pose}
+results=${RESULTS:-benchmarks/results/bench-gpu-cpu3} limit=${LIMIT:-480}
+work=${WORK:-/tmp/vptune-bench} py=${PYTHON:-python3}
+mkdir -p "$out" "$work/logs"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+  "$py" -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__,
+    'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  echo "bench: budget $budget, methods $methods, seeds $seeds, tasks $tasks, limit ${limit}s per task"
+} 2>&1 | tee "$out/env.txt"
+
+pack() {  # every finished run's JSON, the cells' sweep.json and the logs (WORK/TASK/TASK/METHOD/runs/ID.json)
+  local list
+  list=$(cd "$work" && find . \( -path './*/*/*/runs/*.json' -o -path './*/*/*/sweep.json' \) | sort)
+  tar czf "$out/results.tgz.tmp" -C "$work" logs $list 2>/dev/null && mv "$out/results.tgz.tmp" "$out/results.tgz"
+}
+
+if [ "${TIMM:-1}" = 1 ] && "$py" -c "import timm" 2>/dev/null; then
+  timeout "${TIMM_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider tests/test_timm.py >"$out/timm.txt" 2>&1 &
+fi
+
+for task in ${tasks//,/ }; do
+  if [ -d "$results/$task" ]; then  # resume: this task's finished runs, as an earlier machine left them
+    mkdir -p "$work/$task/$task" && cp -r "$results/$task/." "$work/$task/$task/"
+  fi
+  timeout "$limit" "$py" -m vptune.cli bench --budget "$budget" --methods "$methods" --seeds "$seeds" --tasks "$task" \
+    --out "$work/$task" --no-progress >"$work/logs/$task.txt" 2>&1 &
+done
+while [ -n "$(jobs -rp)" ]; do
+  sleep 20
+  pack
+  echo "$(date +%T) runs finished: $(cd "$work" && find . -path './*/*/*/runs/*.json' | wc -l)" | tee -a "$out/env.txt"
+done
+pack
+tail -n 3 "$work"/logs/*.txt >>"$out/env.txt"
+echo "done $(date -u +%FT%TZ)" | tee -a "$out/env.txt"
