@@ -7,7 +7,8 @@
 #
 #   benchmarks/gpu-bench.sh OUT                     # from the repository root, with the data and weights in place
 #   env: BUDGET (cpu), METHODS (linear,vpt-shallow,vpt-deep,full), SEEDS (3), TASKS (the 9-task suite),
-#        RESULTS (benchmarks/results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480), TIMM (1: also run
+#        RESULTS (benchmarks/results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480), SPLIT (1:
+#        processes per task, its methods shared round robin), TIMM (1: also run
 #        tests/test_timm.py beside the bench, where timm imports)
 #   a dry run on a CPU:
 #   PYTHON=.venv/bin/python VPTUNE_DATA=../shared/data BUDGET=smoke SEEDS=1 TASKS=retinamnist,dsprites_loc TIMM=0 benchmarks/gpu-bench.sh runs/dry
@@ -28,7 +29,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM
   echo "bench: budget $budget, methods $methods, seeds $seeds, tasks $tasks, limit ${limit}s per task"
 } 2>&1 | tee "$out/env.txt"
 
-pack() {  # every finished run's JSON, the cells' sweep.json and the logs (WORK/TASK/TASK/METHOD/runs/ID.json)
+pack() {  # every finished run's JSON, the cells' sweep.json and the logs (WORK/TASK-G/TASK/METHOD/runs/ID.json)
   local list
   list=$(cd "$work" && find . \( -path './*/*/*/runs/*.json' -o -path './*/*/*/sweep.json' \) | sort)
   tar czf "$out/results.tgz.tmp" -C "$work" logs $list 2>/dev/null && mv "$out/results.tgz.tmp" "$out/results.tgz"
@@ -38,12 +39,20 @@ if [ "${TIMM:-1}" = 1 ] && "$py" -c "import timm" 2>/dev/null; then
   timeout "${TIMM_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider tests/test_timm.py >"$out/timm.txt" 2>&1 &
 fi
 
+# SPLIT=k: each task's methods go to k processes (round robin), for more processes than tasks
+IFS=, read -ra all <<<"$methods"
+split=${SPLIT:-1}
 for task in ${tasks//,/ }; do
-  if [ -d "$results/$task" ]; then  # resume: this task's finished runs, as an earlier machine left them
-    mkdir -p "$work/$task/$task" && cp -r "$results/$task/." "$work/$task/$task/"
-  fi
-  timeout "$limit" "$py" -m vptune.cli bench --budget "$budget" --methods "$methods" --seeds "$seeds" --tasks "$task" \
-    --out "$work/$task" --no-progress >"$work/logs/$task.txt" 2>&1 &
+  for ((g = 0; g < split; g++)); do
+    group=$(for ((i = g; i < ${#all[@]}; i += split)); do printf '%s,' "${all[i]}"; done)
+    [ -n "$group" ] || continue
+    dir=$work/$task-$g
+    if [ -d "$results/$task" ]; then  # resume: this task's finished runs, as an earlier machine left them
+      mkdir -p "$dir/$task" && cp -r "$results/$task/." "$dir/$task/"
+    fi
+    timeout "$limit" "$py" -m vptune.cli bench --budget "$budget" --methods "${group%,}" --seeds "$seeds" \
+      --tasks "$task" --out "$dir" --no-progress >"$work/logs/$task-$g.txt" 2>&1 &
+  done
 done
 while [ -n "$(jobs -rp)" ]; do
   sleep 20

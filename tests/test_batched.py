@@ -32,6 +32,7 @@ def models_and_configs(backbone, method: str, prompt: dict, cache: str = "auto")
         ("vpt-deep", {"num_tokens": 2, "dropout": 0.0}, "auto"),
         ("vpt-shallow", {"num_tokens": 3}, "auto"),
         ("vpt-deep", {"num_tokens": 2, "dropout": 0.0, "layers": [-1]}, "auto"),  # cached trunk, batched prompts
+        ("vpt-deep", {"num_tokens": 2, "dropout": 0.0, "kv_tokens": 2, "fourier": 0.5}, "auto"),  # beyond the paper
         ("linear", {}, "auto"),
         ("linear", {}, "off"),
     ],

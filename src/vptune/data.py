@@ -74,6 +74,10 @@ class ImageDataset(Dataset):
             return self.preprocessing.train_view(stored, self.generator), self.labels[index]
         return self.preprocessing.eval_view(stored).clone(), self.labels[index]
 
+    def eval_image(self, index: int) -> torch.Tensor:
+        """Image ``index``'s centre view (uint8), whatever ``train`` says: what an initialisation looks at."""
+        return self.preprocessing.eval_view(self._stored[index]).clone()
+
     @property
     def augments(self) -> bool:
         """Whether an image's view changes from one access to the next (FGVC training views); else it can be cached."""

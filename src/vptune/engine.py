@@ -25,6 +25,7 @@ from .distributed import init_process_group, is_main, local_device, rank, world_
 from .methods import get_method
 from .model import TaskModel
 from .preprocessing import DataError, Preprocessing
+from .prototypes import init_from_tokens
 
 METRICS = "metrics.jsonl"
 WARMUP_SHARE = 0.1  # the paper: 10 warmup epochs of 100
@@ -342,6 +343,8 @@ def prepare(
     warn_slow_bf16(device, config.precision)
     splits = data if isinstance(data, Splits) else load_splits(data, config, model.preprocessing)
     model.to(device)
+    if model.prompts is not None and model.prompts.tokens_pending:  # init "tokens": from this run's train split
+        init_from_tokens(model, splits.train, seed=config.seed)
     point = cache_point(model, splits.train, config)
     if point:
         cached = [cache_dataset(model, d, point, config, device) if d else None for d in (splits.val, splits.test)]

@@ -139,7 +139,8 @@ class TaskModel(nn.Module):
             if index in layers and context is None:
                 hidden, num_prompts = prompts.apply(index, hidden, num_prompts, task_ids, backbone)
             skip = self._unread(index, hidden.shape[1], num_prompts, layers) if self.skip_unread else None
-            hidden = self._run_block(index, hidden, skip, context)
+            kv = prompts.key_values(index, task_ids, hidden.shape[0]) if index in layers else None
+            hidden = self._run_block(index, hidden, skip, context, kv)
             if skip is not None:
                 num_prompts = 0  # the prompts' outputs, never read, were not computed
             elif self.prompt_config.drop_after and layers and index == layers[-1]:
@@ -153,8 +154,9 @@ class TaskModel(nn.Module):
         """A family with its own prompted forward (Swin): each prompted block's tokens, handed over by block."""
         batch, config = hidden.shape[0], self.prompt_config
         fresh = {i: self.prompts.tokens(i, task_ids, self.backbone, batch) for i in layers if i >= start}
+        kv = {i: self.prompts.key_values(i, task_ids, batch) for i in layers if i >= start and config.kv_tokens}
         drop_after = layers[-1] if config.drop_after and layers else None
-        return self.backbone.staged_features(hidden, start, fresh, config.readout, drop_after, self._recompute)
+        return self.backbone.staged_features(hidden, start, fresh, config.readout, drop_after, self._recompute, kv)
 
     def _unread(self, index: int, length: int, num_prompts: int, layers: list[int]) -> tuple[int, int] | None:
         """Tokens whose outputs of block ``index`` nothing reads, as a ``(start, stop)`` range, or None.
@@ -185,11 +187,16 @@ class TaskModel(nn.Module):
         return self.prompts.tokens(index, task_ids, self.backbone, hidden.shape[0]).to(hidden.dtype)
 
     def _run_block(
-        self, index: int, hidden: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None = None
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        skip: tuple[int, int] | None,
+        context: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if index < self._recompute and torch.is_grad_enabled():
-            return checkpoint(self.backbone.run_block, index, hidden, skip, context, use_reentrant=False)
-        return self.backbone.run_block(index, hidden, skip, context)
+            return checkpoint(self.backbone.run_block, index, hidden, skip, context, kv, use_reentrant=False)
+        return self.backbone.run_block(index, hidden, skip, context, kv)
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0

@@ -142,7 +142,7 @@ class _Group(nn.Module):
 
 def _structure(task: TaskModel) -> str:
     """What must match for tasks to share one stacked prompt tensor."""
-    prompt = {k: v for k, v in to_dict(task.prompt_config).items() if k != "dropout"}  # dropout is off when serving
+    prompt = {k: v for k, v in to_dict(task.prompt_config).items() if k not in ("dropout", "init")}  # not used to serve
     if not stackable(task):
         return f"own:{id(task)}"  # per-task projection / channel kernel: not stackable, a group of its own
     return repr((sorted(prompt.items()), task.image_size))

@@ -18,7 +18,7 @@ from .config import check_fields, option
 
 LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")  # a Transformer's (backbones with tokens)
 READOUTS = ("cls", "image", "prompt", "all")
-INITS = ("xavier", "normal", "zeros")
+INITS = ("xavier", "normal", "zeros", "tokens")
 PIXEL_LOCATIONS = ("prepend-pixel", "concat-channel")
 CONV_LOCATIONS = ("pad", "below")  # a ConvNet's prompts (vptune.convnet): a border of pixels, extra input channels
 
@@ -45,7 +45,12 @@ class PromptConfig:
     )
     shared: bool = option(False, "one prompt set reused by every prompted layer")
     dropout: float = option(0.0, "dropout on the prompt tokens (the released configs: 0.1 deep, 0.0 shallow)")
-    init: str = option("xavier", "xavier = uniform(-v, v), v = sqrt(6/(3*s*s + d)); normal; zeros", choices=INITS)
+    init: str = option(
+        "xavier",
+        "xavier = uniform(-v, v), v = sqrt(6/(3*s*s + d)); normal; zeros; tokens = patch tokens that each prompted "
+        "block receives on training images, drawn at random (Self-Prompt Tuning; done by fit before training)",
+        choices=INITS,
+    )
     project: int = option(0, "store prompts at width k and map them to d with a trainable Linear(k, d); 0 = off")
     location: str = option(
         DEFAULT_LOCATION,
@@ -59,12 +64,24 @@ class PromptConfig:
         choices=READOUTS,
     )
     drop_after: bool = option(False, "remove the prompt tokens after the last prompted layer")
+    kv_tokens: int = option(
+        0,
+        "key-value prompts (E2VPT): m learnable keys and m values appended to each prompted block's attention keys "
+        "and values after their projections; attended to, no outputs; 0 = off",
+    )
+    fourier: float = option(
+        0.0,
+        "Fourier prompts (VFPT): the fraction of each prompted block's prompts (the first floor(f*p)) replaced by "
+        "the real part of their 2-D FFT over tokens x width before insertion; 0 = off",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
         _check(self.num_tokens >= 0, "num_tokens must be an integer >= 0")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.project >= 0, f"project must be >= 0 (0 = off), got {self.project}")
+        _check(self.kv_tokens >= 0, f"kv_tokens must be >= 0 (0 = off), got {self.kv_tokens}")
+        _check(0.0 <= self.fourier <= 1.0, f"fourier must be a fraction in [0, 1] (0 = off), got {self.fourier}")
         if self.layers is not None:
             self.layers = list(self.layers)
             _check(len(self.layers) > 0, "layers is empty: give at least one block index, or leave it unset")
@@ -84,11 +101,22 @@ class PromptConfig:
             _check(self.dropout == 0, f"location {self.location!r} prompts are pixels: they take no dropout (set 0)")
             _check(self.readout in (None, "cls"), "a ConvNet reads out its pooled features: leave readout unset")
         _check(not self.drop_after or token_prompts, "drop_after applies to prepended prompt tokens only")
+        if self.location in CONV_LOCATIONS:
+            _check(not self.kv_tokens, f"location {self.location!r} prompts a ConvNet's pixels: kv_tokens needs attention")
+        for name, used in (("fourier", self.fourier > 0), ("init 'tokens'", self.init == "tokens")):
+            if used:
+                _check(self.location == "prepend", f"{name} applies to prepended prompt tokens (location 'prepend')")
+                _check(not self.project, f"{name} works on prompts at the model's width: set project to 0")
 
     @property
     def enabled(self) -> bool:
-        """Whether any prompt is inserted."""
-        return self.num_tokens > 0
+        """Whether any prompt is inserted (prompt tokens, or key-value prompts alone)."""
+        return self.num_tokens > 0 or self.kv_tokens > 0
+
+    @property
+    def fourier_tokens(self) -> int:
+        """How many of a block's p prompts pass through the FFT: floor(fourier * p), as VFPT counts them."""
+        return math.floor(self.fourier * self.num_tokens + 1e-9)
 
     def prompted_layers(self, depth: int) -> list[int]:
         """The 0-based blocks that receive prompts, for a backbone of ``depth`` blocks."""
@@ -169,8 +197,19 @@ class Prompts(nn.Module):
         if config.location == "concat-channel":  # the p extra input channels' kernels of the patch embedding
             kernel_size = config.num_tokens * self.patch_size**2
             self.channel_kernel = nn.Parameter(torch.empty(num_tasks, backbone.width, kernel_size))
+        self.kv_keys = self.kv_values = None
+        if config.kv_tokens:  # one set per prompted block, at the block's width (side by side on Swin)
+            width = sum(self.widths) if self.side_by_side else backbone.width
+            kv_shape = (num_tasks, 1 if self.side_by_side else len(self.layers), config.kv_tokens, width)
+            self.kv_keys, self.kv_values = (nn.Parameter(torch.empty(kv_shape)) for _ in "kv")
+        self.tokens_pending = config.init == "tokens" and not given  # see init_from_tokens
         if not given:
             self.reset_parameters(backbone, generator)
+
+    @property
+    def task_tensors(self) -> list[str]:
+        """The names of the tensors that hold one row per task (stacked and unstacked by :mod:`vptune.stacking`)."""
+        return ["embeddings"] + (["kv_keys", "kv_values"] if self.kv_keys is not None else [])
 
     def _shape(self, backbone: Backbone) -> tuple[int, int]:
         location, width = self.config.location, self.config.project or backbone.width
@@ -185,14 +224,8 @@ class Prompts(nn.Module):
     def reset_parameters(self, backbone: Backbone, generator: torch.Generator | None = None) -> None:
         """Initialise as the paper does (``init``), the projection as the released code does."""
         with torch.no_grad():
-            if self.config.init == "xavier":
-                # the first block's width: the width of ViT; Swin's first stage's for every stage (the released code)
-                bound = xavier_bound(backbone.patch_size, self.config.project or backbone.block_width(0))
-                self.embeddings.uniform_(-bound, bound, generator=generator)
-            elif self.config.init == "normal":
-                self.embeddings.normal_(0.0, 0.02, generator=generator)
-            else:
-                self.embeddings.zero_()
+            # the first block's width: the width of ViT; Swin's first stage's for every stage (the released code)
+            self._draw(self.embeddings, self.config.project or backbone.block_width(0), backbone, generator)
             if self.proj is not None:  # as the released code: kaiming fan_out, nn.Linear's bias
                 nn.init.kaiming_normal_(self.proj.weight, a=0, mode="fan_out", generator=generator)
                 bound = 1.0 / math.sqrt(self.proj.in_features)
@@ -200,6 +233,25 @@ class Prompts(nn.Module):
             if self.channel_kernel is not None:  # new kernels, drawn as the released code draws the channels
                 bound = xavier_bound(backbone.patch_size, backbone.width)
                 self.channel_kernel.uniform_(-bound, bound, generator=generator)
+            for tensor in (self.kv_keys, self.kv_values):  # drawn last: without them, the same draws as before
+                if tensor is not None:
+                    self._draw(tensor, backbone.block_width(0), backbone, generator)
+
+    def _draw(self, tensor: torch.Tensor, width: int, backbone: Backbone, generator: torch.Generator | None) -> None:
+        """Fill ``tensor`` as ``init`` says, xavier's bound for ``width`` (``tokens``: as ``xavier`` until
+        :func:`init_from_tokens` replaces the prompts, once it sees training images)."""
+        if self.config.init in ("xavier", "tokens"):
+            bound = xavier_bound(backbone.patch_size, width)
+            tensor.uniform_(-bound, bound, generator=generator)
+        elif self.config.init == "normal":
+            tensor.normal_(0.0, 0.02, generator=generator)
+        else:
+            tensor.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "embeddings" in state_dict:  # trained (or given) prompts: no token initialisation is due
+            self.tokens_pending = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_tasks(self) -> int:
@@ -207,13 +259,29 @@ class Prompts(nn.Module):
 
     def select(self, layer: int, task_ids: torch.Tensor | None) -> torch.Tensor:
         """The prompt tokens for ``layer``: (B, n, k) per sample, or (1, n, k) broadcast when task_ids is None."""
-        index = 0 if self.config.shared else self.layers.index(layer)
+        return self._pick(self.embeddings, 0 if self.config.shared else self.layers.index(layer), task_ids)
+
+    def _pick(self, stored: torch.Tensor, index: int, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """Set ``index`` of a (T, S, n, k) tensor, (1 or B, n, k); side by side: its slice of the width."""
         if self.side_by_side:
             start = sum(self.widths[:index])
-            stored = self.embeddings[:, 0, :, start : start + self.widths[index]]
+            stored = stored[:, 0, :, start : start + self.widths[index]]
         else:
-            stored = self.embeddings[:, index]
+            stored = stored[:, index]
         return stored[:1] if task_ids is None else stored[task_ids]
+
+    def key_values(
+        self, layer: int, task_ids: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Block ``layer``'s key-value prompts, ((1 or B, m, d), (1 or B, m, d)), or None when there are none.
+        While training with prompt dropout, each sample draws its own masks."""
+        if self.kv_keys is None or layer not in self.layers:
+            return None
+        index = self.layers.index(layer)
+        pair = [self._pick(tensor, index, task_ids) for tensor in (self.kv_keys, self.kv_values)]
+        if self.training and self.dropout.p > 0:
+            pair = [self.dropout(tensor.expand(batch, -1, -1)) for tensor in pair]
+        return pair[0], pair[1]
 
     def tokens(self, layer: int, task_ids: torch.Tensor | None, backbone: Backbone, batch: int) -> torch.Tensor:
         """Prompt tokens at model width for ``layer``, projected, (1 or B, n, d). While training with prompt dropout,
@@ -227,7 +295,7 @@ class Prompts(nn.Module):
             tokens = self.proj(tokens)
         if self.training and self.dropout.p > 0:
             tokens = self.dropout(tokens.expand(batch, -1, -1))
-        return tokens
+        return fourier(tokens, self.config.fourier_tokens)
 
     def patch_delta(self, task_ids: torch.Tensor | None, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """concat-channel: what the p extra input channels add to each patch token, (1 or B, #patches, d)."""
@@ -269,3 +337,12 @@ class Prompts(nn.Module):
         tokens = tokens.expand(hidden.shape[0], -1, -1)
         prefix_tokens, _, patch_tokens = split_range(hidden, self.num_prefix, self.num_prefix + num_prompts)
         return torch.cat([prefix_tokens, tokens, patch_tokens], dim=1), tokens.shape[1]
+
+
+def fourier(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """VFPT's Fourier prompts: the first ``count`` tokens of (.., n, d) replaced by the real part of their 2-D FFT
+    over tokens x width (``Re(FFT_tokens(FFT_width(P)))``), the rest unchanged; computed in float32."""
+    if not count:
+        return tokens
+    transformed = torch.fft.fft2(tokens[..., :count, :].float(), dim=(-2, -1)).real.to(tokens.dtype)
+    return transformed if count == tokens.shape[-2] else torch.cat([transformed, tokens[..., count:, :]], dim=-2)

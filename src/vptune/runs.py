@@ -266,10 +266,14 @@ def _chosen(prompt: PromptConfig) -> PromptConfig:
 
 def _prompt_dict(prompt: PromptConfig) -> dict:
     """A prompt configuration as JSON; a location never chosen is left out, so that it stays the backbone's default
-    when read back (``pad`` on a ConvNet)."""
+    when read back (``pad`` on a ConvNet), and so are the designs beyond the paper while off (``kv_tokens``,
+    ``fourier``), so that a plain VPT run is recorded as it was before they existed (a sweep resumes its runs)."""
     values = to_dict(prompt)
     if isinstance(prompt.location, DefaultLocation):
         del values["location"]
+    for name in ("kv_tokens", "fourier"):
+        if not values[name]:
+            del values[name]
     return values
 
 

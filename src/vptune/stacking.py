@@ -27,9 +27,17 @@ def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
     first = models[0]
     prompts = None
     if first.prompts is not None:
+        if any(getattr(model.prompts, "tokens_pending", False) for model in models):
+            raise ValueError(
+                "prompts with init 'tokens' are drawn from the training images when their own training starts: "
+                "train such models one at a time (not batched), then stack the trained ones"
+            )
         embeddings = torch.cat([model.prompts.embeddings.detach() for model in models])
         kind = type(first.prompts)  # Prompts, or a ConvNet's BorderPrompts (the same signature)
         prompts = kind(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)
+        with torch.no_grad():
+            for name in _task_tensors(prompts)[1:]:  # key-value prompts: one row per task, as the embeddings
+                getattr(prompts, name).copy_(torch.cat([getattr(model.prompts, name) for model in models]))
     head = Head.stacked([model.head for model in models]) if heads else None
     stacked = type(first)(  # TaskModel, or a ConvNet's ConvTaskModel (the same signature)
         first.backbone, first.num_classes if heads else 1, first.prompt_config, first.preprocessing,
@@ -44,6 +52,12 @@ def unstack(stacked: TaskModel, models: list[TaskModel]) -> None:
     rows = stacked.head.state_dict()
     for k, model in enumerate(models):
         if model.prompts is not None:
-            model.prompts.embeddings.copy_(stacked.prompts.embeddings[k : k + 1])
+            for name in _task_tensors(model.prompts):
+                getattr(model.prompts, name).copy_(getattr(stacked.prompts, name)[k : k + 1])
         for name, tensor in model.head.state_dict().items():
             tensor.copy_(rows[name][k : k + 1])
+
+
+def _task_tensors(prompts) -> list[str]:
+    """The prompts' tensors with one row per task (a ConvNet's border prompts: the embeddings alone)."""
+    return getattr(prompts, "task_tensors", ["embeddings"])

@@ -131,6 +131,12 @@ class Backbone(nn.Module):
 
     def check_prompt(self, config) -> None:
         """Refuse, with the reason, a prompt configuration (a :class:`~vptune.PromptConfig`) the family cannot take."""
+        if config.kv_tokens and not self.block_classes:
+            raise ValueError(
+                f"PromptConfig: kv_tokens needs the attention's separate key and value projections, and vptune does "
+                f"not know the layout of {self.family}'s blocks (timm's fuse q, k and v in one Linear): use an hf: "
+                "backbone (ViT, DINOv2, CLIP, MAE, Swin) for key-value prompts, or set kv_tokens to 0"
+            )
 
     # --- shared behaviour ----------------------------------------------------------------------
     def embed(self, pixel_values: torch.Tensor, patch_delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,6 +162,7 @@ class Backbone(nn.Module):
         tokens: torch.Tensor,
         skip: tuple[int, int] | None = None,
         context: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Apply block ``index`` to a token sequence (no attention mask).
 
@@ -164,22 +171,35 @@ class Backbone(nn.Module):
         ``context`` (1 or B, n, d): tokens that take part in attention as keys and values only, their outputs never
         computed; for a block, which sees no positions, the same as inserting them anywhere in the sequence and
         skipping their outputs (VPT-Deep's prompts, replaced by the next block's, without moving the sequence).
+        ``kv`` ((1 or B, m, d), (1 or B, m, d)): key-value prompts, appended to the keys and the values after their
+        projections (E2VPT); they need the family's own blocks.
         The family's own blocks (``block_classes``) project queries and run the MLP for the kept tokens only.
         """
         block = self.blocks[index]
-        if skip is None and context is None:
+        if skip is None and context is None and kv is None:
             return whole_block(block, tokens)
         if type(block).__name__ in self.block_classes and not self.training:  # (training: the block's own dropout)
-            return self._pre_norm_block(block, tokens, skip, context)
+            return self._pre_norm_block(block, tokens, skip, context, kv)
+        if kv is not None:
+            raise ValueError(
+                f"key-value prompts need vptune's own pass through {type(block).__name__}, which it has for the "
+                f"{self.family} family's frozen blocks only (not while the backbone's own dropout trains)"
+            )
         length = tokens.shape[1]  # an undeclared layout: the whole block on everything, then the selection
         if context is not None:
             tokens = torch.cat([tokens, context.expand(tokens.shape[0], -1, -1)], dim=1)
         return drop_tokens(whole_block(block, tokens)[:, :length], skip)
 
     def _pre_norm_block(
-        self, block: nn.Module, tokens: torch.Tensor, skip: tuple[int, int] | None, context: torch.Tensor | None
+        self,
+        block: nn.Module,
+        tokens: torch.Tensor,
+        skip: tuple[int, int] | None,
+        context: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``x + ls1(attn(norm1(x)))`` then ``+ ls2(mlp(norm2(.)))``, with queries from the kept tokens only."""
+        """``x + ls1(attn(norm1(x)))`` then ``+ ls2(mlp(norm2(.)))``, with queries from the kept tokens only and
+        ``kv`` (if any) after the projected keys and values."""
         parts = {role: block.get_submodule(path) for role, path in self.part_paths(block).items()}
         heads = self.model.config.num_attention_heads
         normed = parts["norm1"](tokens)
@@ -193,6 +213,9 @@ class Backbone(nn.Module):
 
         query = split_heads(parts["q"](drop_tokens(normed, skip)))
         keys, values = split_heads(parts["k"](sources)), split_heads(parts["v"](sources))
+        if kv is not None:
+            extra_keys, extra_values = (split_heads(t.to(keys.dtype).expand(tokens.shape[0], -1, -1)) for t in kv)
+            keys, values = torch.cat([keys, extra_keys], dim=2), torch.cat([values, extra_values], dim=2)
         attended = F.scaled_dot_product_attention(query, keys, values).transpose(1, 2).flatten(2)
         hidden = drop_tokens(tokens, skip) + _scaled(block, "layer_scale1", parts["o"](attended))
         return hidden + _scaled(block, "layer_scale2", parts["mlp"](parts["norm2"](hidden)))

@@ -92,11 +92,16 @@ class SwinBackbone(Backbone):
         return tokens.unflatten(1, (height, width))
 
     def run_block(
-        self, index: int, tokens: torch.Tensor, skip: tuple[int, int] | None = None, context: torch.Tensor | None = None
+        self,
+        index: int,
+        tokens: torch.Tensor,
+        skip: tuple[int, int] | None = None,
+        context: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Block ``index`` on a grid (B, H, W, C), with the patch merging after it where its stage ends."""
-        if skip is not None or context is not None:
-            raise ValueError("Swin blocks run on whole grids: they take no skip or context tokens")
+        if skip is not None or context is not None or kv is not None:
+            raise ValueError("Swin blocks run on whole grids here: prompts go through staged_features")
         patches, _, dims = self._step(index, tokens.flatten(1, 2), None, tuple(tokens.shape[1:3]))
         return patches.unflatten(1, dims)
 
@@ -115,6 +120,7 @@ class SwinBackbone(Backbone):
         readout: str,
         drop_after: int | None = None,
         recompute: int = 0,
+        kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Blocks ``start..N-1`` with prompts, the final norm and the read-out: pooled features (B, d).
 
@@ -125,14 +131,16 @@ class SwinBackbone(Backbone):
                 ``prompt`` (the prompts').
             drop_after: the prompts are removed after this block.
             recompute: blocks before this one are recomputed in the backward pass (gradient checkpointing).
+            kv: key-value prompts by block, appended to every window's keys and values there (E2VPT's).
         """
-        patches, dims, prompts = grid.flatten(1, 2), tuple(grid.shape[1:3]), None
+        patches, dims, prompts, kv = grid.flatten(1, 2), tuple(grid.shape[1:3]), None, kv or {}
         for index in range(start, self.depth):
             prompts = fresh.get(index, prompts)
+            step = (index, patches, prompts, dims, kv.get(index))
             if index < recompute and torch.is_grad_enabled():
-                patches, prompts, dims = checkpoint(self._step, index, patches, prompts, dims, use_reentrant=False)
+                patches, prompts, dims = checkpoint(self._step, *step, use_reentrant=False)
             else:
-                patches, prompts, dims = self._step(index, patches, prompts, dims)
+                patches, prompts, dims = self._step(*step)
             prompts = None if index == drop_after else prompts
         return self._read_out(patches, prompts, readout)
 
@@ -144,12 +152,17 @@ class SwinBackbone(Backbone):
         return self.norm(torch.cat([prompts.expand(patches.shape[0], -1, -1), patches], dim=1)).mean(dim=1)
 
     def _step(
-        self, index: int, patches: torch.Tensor, prompts: torch.Tensor | None, dims: tuple[int, int]
+        self,
+        index: int,
+        patches: torch.Tensor,
+        prompts: torch.Tensor | None,
+        dims: tuple[int, int],
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
         """Block ``index`` and, where its stage ends before the last, the stage's patch merging."""
         stage = self.model.encoder.layers[self._stage[index]]
         block = stage.blocks[self._position[index]]
-        patches, prompts = prompted_block(block, patches, prompts, dims, self._window(index, dims))
+        patches, prompts = prompted_block(block, patches, prompts, dims, self._window(index, dims), kv)
         if block is stage.blocks[-1] and stage.downsample is not None:
             return *merge_patches(stage.downsample, patches, prompts, dims), ((dims[0] + 1) // 2, (dims[1] + 1) // 2)
         return patches, prompts, dims
@@ -173,12 +186,14 @@ def prompted_block(
     prompts: torch.Tensor | None,
     dims: tuple[int, int],
     window: tuple[int, int],
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A transformers ``SwinLayer`` on patches (B, H*W, C) and prompts (1 or B, p, C) or None.
 
     norm1 on both; the patches (padded to whole windows, cyclically shifted) split into windows, each window
     prefixed with its sample's prompts; windowed attention; the prompts' outputs averaged over the windows; the
-    residual, then norm2 and the MLP, on prompts and patches alike. ``window``: (side, shift).
+    residual, then norm2 and the MLP, on prompts and patches alike. ``window``: (side, shift). ``kv``: key-value
+    prompts ((1 or B, m, C) each), appended to every window's keys and values.
     """
     batch = patches.shape[0]
     normed = block.layernorm_before(patches).unflatten(1, dims)
@@ -189,7 +204,7 @@ def prompted_block(
         extra = block.layernorm_before(prompts).unsqueeze(1).expand(-1, count, -1, -1).flatten(0, 1)
         windows = torch.cat([extra, windows], dim=1)
     num_prompts = 0 if prompts is None else prompts.shape[1]
-    attended = block.dropout(window_attention(block.attention, windows, padded, window, num_prompts))
+    attended = block.dropout(window_attention(block.attention, windows, padded, window, num_prompts, kv))
     extra, attended = attended.split([num_prompts, attended.shape[1] - num_prompts], dim=1)
     attended = from_windows(attended, padded, dims, *window).flatten(1, 2)
     if prompts is not None:  # each sample's prompt outputs: the mean over its windows
@@ -230,22 +245,35 @@ def from_windows(windows: torch.Tensor, padded: tuple[int, int], dims: tuple[int
 
 
 def window_attention(
-    attention: nn.Module, windows: torch.Tensor, padded: tuple[int, int], window: tuple[int, int], num_prompts: int
+    attention: nn.Module,
+    windows: torch.Tensor,
+    padded: tuple[int, int],
+    window: tuple[int, int],
+    num_prompts: int,
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A ``SwinAttention`` on windows (B * nW, p + side², C) whose first ``num_prompts`` tokens are prompts.
 
     Scores get the relative position bias between patches and, for a shifted window, the mask between its regions;
     the prompts' rows and columns get neither (zero): they see and are seen by every token of the window. Laid out
     as transformers lays it out (one batch row per window), so that without prompts the numbers are its own.
+    ``kv``: key-value prompts ((1 or B, m, C) each) after each window's keys and values, with no bias or mask.
     """
     count, length, _ = windows.shape
     mask = _window_bias(attention, padded, window, num_prompts, windows.dtype)  # (nW or 1, heads, L, L)
     if mask.shape[0] > 1:  # one mask per window, the same for every sample
         mask = mask.expand(count // mask.shape[0], -1, -1, -1, -1).flatten(0, 1)
-    query, key, value = (
-        attention.get_submodule(f"{role}_proj")(windows).unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
-        for role in "qkv"
-    )
+
+    def split_heads(states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
+
+    query, key, value = (split_heads(attention.get_submodule(f"{role}_proj")(windows)) for role in "qkv")
+    if kv is not None:  # each sample's key-value prompts in each of its windows (window-major within a sample)
+        extra = [split_heads(t.to(key.dtype)) for t in kv]
+        extra = [t.expand(count, -1, -1, -1) if t.shape[0] == 1 else t.repeat_interleave(count // t.shape[0], 0)
+                 for t in extra]  # fmt: skip
+        key, value = torch.cat([key, extra[0]], dim=2), torch.cat([value, extra[1]], dim=2)
+        mask = F.pad(mask, (0, extra[0].shape[2]))
     dropout = attention.attention_dropout if attention.training else 0.0
     out = F.scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=attention.scaling)
     return attention.o_proj(out.transpose(1, 2).reshape(count, length, -1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from ..backbones import ConvBackbone
 from ..convnet import conv_prompt
@@ -22,7 +23,7 @@ def prompted_model(context: BuildContext, deep: bool, backbone=None) -> TaskMode
     ``concat-channel`` prompts widen the patch embedding, which then trains whole (as the released code does): on
     a copy of the backbone. On a ConvNet (no tokens): :func:`convnet_model`.
     """
-    prompt = context.prompt or PromptConfig(**(DEEP_PROMPT if deep else SHALLOW_PROMPT))
+    prompt = context.prompt or PromptConfig(**(context.method.prompt or (DEEP_PROMPT if deep else SHALLOW_PROMPT)))
     if not deep and prompt.layers is not None and len(prompt.layers) > 1:
         raise ValueError("vpt-shallow prompts one block: give at most one layer, or use vpt-deep")
     backbone = backbone or context.backbone
@@ -59,6 +60,31 @@ def _vpt_shallow(context: BuildContext) -> TaskModel:
 )  # fmt: skip
 def _vpt_deep(context: BuildContext) -> TaskModel:
     return prompted_model(context, deep=True)
+
+
+# Beyond the paper: VPT-Deep with key-value prompts (E2VPT), Fourier prompts (VFPT) and prompts that start as the
+# backbone's own tokens (Self-Prompt Tuning), each alone and in every combination: vpt-deep+kv, vpt-deep+kv+fourier ...
+DESIGNS = {
+    "kv": ({"kv_tokens": 5}, "key-value prompts (E2VPT): 5 keys and 5 values per block"),
+    "fourier": ({"fourier": 0.5}, "Fourier prompts (VFPT): half of each block's prompts through Re(FFT2)"),
+    "tokens": ({"init": "tokens"}, "prompts that start as patch tokens of the training images (SPT)"),
+}
+
+
+def _register_designs() -> None:
+    for size in range(1, len(DESIGNS) + 1):
+        for names in itertools.combinations(DESIGNS, size):
+            prompt = dict(DEEP_PROMPT)
+            for name in names:
+                prompt.update(DESIGNS[name][0])
+            summary = "VPT-Deep with " + "; ".join(DESIGNS[name][1] for name in names)
+            register(
+                "vpt-deep+" + "+".join(names), summary, prompt=prompt, servable=True,
+                batchable="tokens" not in names,  # token prototypes are drawn when each run's training starts
+            )(_vpt_deep)  # fmt: skip
+
+
+_register_designs()
 
 
 @register("vpt-deep+bias", "VPT-Deep prompts plus every bias term of the backbone", prompt=DEEP_PROMPT)

@@ -1,0 +1,304 @@
+"""The prompt designs beyond the paper: key-value prompts (E2VPT), Fourier prompts (VFPT) and prompts that start as
+the backbone's own tokens (Self-Prompt Tuning), alone and together, on every family with attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, IMAGE, ImageSet, pixels, tiny_backbone, tiny_dataset
+from test_swin import swin_backbone
+from test_swin import pixels as swin_pixels
+
+import vptune
+from vptune import PromptConfig, Splits, TrainConfig
+from vptune.backbones.swin import prompted_block
+from vptune.engine import prepare
+from vptune.methods.vpt import DEEP_PROMPT
+from vptune.prompts import fourier
+from vptune.prototypes import block_inputs, init_from_tokens
+
+DESIGNS = ("vpt-deep+kv", "vpt-deep+fourier", "vpt-deep+tokens", "vpt-deep+kv+fourier+tokens")
+TRAINS = {
+    "vpt-deep+kv": {"prompts.embeddings", "prompts.kv_keys", "prompts.kv_values"},
+    "vpt-deep+fourier": {"prompts.embeddings"},
+    "vpt-deep+tokens": {"prompts.embeddings"},
+    "vpt-deep+kv+fourier+tokens": {"prompts.embeddings", "prompts.kv_keys", "prompts.kv_values"},
+}
+
+
+def backbone_of(family: str) -> vptune.Backbone:
+    return swin_backbone() if family == "swin" else tiny_backbone(family)
+
+
+def inputs(family: str, batch: int = 4) -> torch.Tensor:
+    return swin_pixels(batch) if family == "swin" else pixels(tiny_backbone(family), batch)
+
+
+def make(method: str, family: str, seed: int = 0, **prompt) -> vptune.TaskModel:
+    backbone = backbone_of(family)
+    config = PromptConfig(**{**vptune.METHODS[method].prompt, **prompt}) if prompt else None
+    return vptune.build(method, backbone, 3, prompt=config, image_size=backbone.image_size, seed=seed)
+
+
+ALL = (*FAMILIES, "swin")
+
+
+# --- only the intended tensors train ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("method", DESIGNS)
+def test_only_the_designs_tensors_train(family: str, method: str) -> None:
+    model = make(method, family)
+    trains = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trains == TRAINS[method] | {"head.weight", "head.bias"}
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    data = tiny_dataset(8, size=model.image_size)
+    vptune.fit(model, Splits(data), TrainConfig(epochs=1, batch_size=4, base_lr=1.0, warmup_epochs=0))
+    assert all(torch.equal(frozen[name], p) for name, p in model.named_parameters() if name in frozen)
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name in before)
+
+
+# --- neutral values are plain VPT ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("neutral", [{"kv_tokens": 0}, {"fourier": 0.0}, {"fourier": 0.05}, {"init": "xavier"}])
+def test_a_design_at_its_neutral_value_is_plain_vpt_deep(family: str, neutral: dict) -> None:
+    """fourier 0.05 of 10 prompts is floor(0.5) = 0 tokens: the Fourier code runs and changes nothing."""
+    plain, other = make("vpt-deep", family), make("vpt-deep", family, **{**DEEP_PROMPT, **neutral})
+    assert plain.state_dict().keys() == other.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), other.state_dict().values()))
+    x = inputs(family)
+    assert torch.equal(plain.eval()(x), other.eval()(x))
+    recorded = vptune.RunSpec(data="d", method="vpt-deep", prompt=other.prompt_config).to_dict()["prompt"]
+    assert not {"kv_tokens", "fourier"} & {k for k, v in recorded.items() if not v}  # off: recorded as before them
+
+
+# --- Fourier prompts --------------------------------------------------------------------------------------------------
+def test_fourier_transforms_the_first_fraction_of_the_tokens() -> None:
+    tokens = torch.randn(2, 10, 6)
+    out = fourier(tokens, 4)
+    assert torch.equal(out[:, 4:], tokens[:, 4:])
+    expected = torch.fft.fft(torch.fft.fft(tokens[:, :4], dim=-1), dim=-2).real  # VFPT: width, then tokens
+    torch.testing.assert_close(out[:, :4], expected)
+    assert PromptConfig(num_tokens=10, fourier=0.5).fourier_tokens == 5
+    assert PromptConfig(num_tokens=10, fourier=0.3).fourier_tokens == 3
+    assert PromptConfig(num_tokens=7, fourier=0.5).fourier_tokens == 3
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_fourier_one_is_vpt_deep_with_the_transformed_prompts(family: str) -> None:
+    transformed = make("vpt-deep", family, fourier=1.0)
+    plain = make("vpt-deep", family)
+    with torch.no_grad():
+        plain.head.load_state_dict(transformed.head.state_dict())
+        embeddings = transformed.prompts.embeddings
+        if transformed.prompts.side_by_side:  # Swin: each block's set is its own slice of the width
+            sets, start = [], 0
+            for width in transformed.prompts.widths:
+                sets.append(torch.fft.fft2(embeddings[..., start : start + width]).real)
+                start += width
+            plain.prompts.embeddings.copy_(torch.cat(sets, dim=-1))
+        else:
+            plain.prompts.embeddings.copy_(torch.fft.fft2(embeddings).real)
+    x = inputs(family)
+    torch.testing.assert_close(transformed.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(transformed(x), make("vpt-deep", family)(x))
+
+
+# --- key-value prompts ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_key_value_prompts_are_keys_and_values_after_projection(family: str) -> None:
+    """A block with key-value prompts k(norm1(C)), v(norm1(C)) equals the block with C as keys and values only."""
+    backbone = tiny_backbone(family)
+    tokens = backbone.embed(pixels(backbone))
+    context = torch.randn(1, 5, backbone.width, generator=torch.Generator().manual_seed(1))
+    parts = {role: backbone.blocks[1].get_submodule(path) for role, path in backbone.part_paths(backbone.blocks[1]).items()}
+    with torch.no_grad():
+        normed = parts["norm1"](context)
+        kv = (parts["k"](normed), parts["v"](normed))
+        with_kv = backbone.run_block(1, tokens, kv=kv)
+        with_context = backbone.run_block(1, tokens, context=context)
+        plain = backbone.run_block(1, tokens)
+    assert with_kv.shape == plain.shape == tokens.shape  # no outputs for the key-value prompts
+    torch.testing.assert_close(with_kv, with_context, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(with_kv, plain, atol=1e-4)
+
+
+def test_swin_key_value_prompts_are_what_window_prompts_add_to_keys_and_values() -> None:
+    """In a Swin window, prompt tokens are keys and values with no bias; as key-value prompts they give the patches
+    the same outputs, and no outputs of their own."""
+    backbone = swin_backbone()
+    grid = backbone.embed(swin_pixels(2))
+    block = backbone.blocks[1]
+    patches, dims = grid.flatten(1, 2), tuple(grid.shape[1:3])
+    prompts = torch.randn(1, 3, grid.shape[-1], generator=torch.Generator().manual_seed(2))
+    window = backbone._window(1, dims)
+    with torch.no_grad():
+        normed = block.layernorm_before(prompts)
+        kv = (block.attention.k_proj(normed), block.attention.v_proj(normed))
+        as_prompts, _ = prompted_block(block, patches, prompts, dims, window)
+        as_kv, none = prompted_block(block, patches, None, dims, window, kv)
+    assert none is None and as_kv.shape == patches.shape
+    torch.testing.assert_close(as_kv, as_prompts, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_key_value_prompts_keep_the_sequence_and_change_the_output(family: str) -> None:
+    with_kv, plain = make("vpt-deep+kv", family).eval(), make("vpt-deep", family).eval()
+    shapes: dict[str, list] = {"kv": [], "plain": []}
+    step = "_step" if family == "swin" else "run_block"  # Swin's prompted blocks run through its own step
+    for key, model in (("kv", with_kv), ("plain", plain)):
+        original = getattr(model.backbone, step)
+
+        def recorded(*args, key=key, original=original, **kwargs):
+            out = original(*args, **kwargs)
+            shapes[key].append([tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t)])
+            return out
+
+        setattr(model.backbone, step, recorded)
+        with torch.no_grad():
+            model(inputs(family))
+    assert shapes["kv"] == shapes["plain"]  # every block's output: the same positions, no kv outputs
+    with torch.no_grad():  # the same prompts and head: the key-value prompts alone make the difference
+        plain.head.load_state_dict(with_kv.head.state_dict())
+        plain.prompts.embeddings.copy_(with_kv.prompts.embeddings)
+        x = inputs(family)
+        assert not torch.allclose(with_kv(x), plain(x), atol=1e-5)
+
+
+def test_timm_and_convnets_refuse_key_value_prompts() -> None:
+    with pytest.raises(ValueError, match="kv_tokens needs attention"):
+        PromptConfig(location="pad", kv_tokens=2)
+    backbone = tiny_backbone("vit")
+    backbone.block_classes = ()  # a family whose block layout vptune does not know (timm's fused q, k, v)
+    with pytest.raises(ValueError, match="separate key and value projections"):
+        vptune.build("vpt-deep+kv", backbone, 3, image_size=IMAGE)
+
+
+# --- prompts from the backbone's own tokens -----------------------------------------------------------------------
+class Untouchable(ImageSet):
+    """A split that fails if anything reads it."""
+
+    def __getitem__(self, index: int):
+        raise AssertionError("init 'tokens' read a split other than the training split")
+
+    def eval_image(self, index: int):
+        raise AssertionError("init 'tokens' read a split other than the training split")
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_token_prompts_are_patch_tokens_each_block_receives(family: str) -> None:
+    model = make("vpt-deep+tokens", family)
+    data = tiny_dataset(6, size=model.image_size)
+    init_from_tokens(model, data, seed=3)
+    assert not model.prompts.tokens_pending
+    x = model.preprocessing.normalize(torch.stack([data[i][0] for i in range(len(data))]))
+    layers = model.prompts.layers
+    with torch.no_grad():
+        received = dict(block_inputs(model.backbone, x, layers))
+    for index, layer in enumerate(layers):
+        prompts = model.prompts.select(layer, None)[0]  # (p, width)
+        pool = received[layer].flatten(0, 1)
+        for token in prompts:
+            assert (pool == token).all(dim=1).any(), f"block {layer}: a prompt that is not one of its patch tokens"
+        assert len({tuple(t.tolist()) for t in prompts}) == len(prompts)  # drawn without replacement
+
+
+def test_token_prompts_are_deterministic_for_a_seed() -> None:
+    data = tiny_dataset(6)
+    models = [make("vpt-deep+tokens", "dinov2") for _ in range(3)]
+    for model, seed in zip(models, (0, 0, 1), strict=True):
+        init_from_tokens(model, data, seed=seed)
+    assert torch.equal(models[0].prompts.embeddings, models[1].prompts.embeddings)
+    assert not torch.equal(models[0].prompts.embeddings, models[2].prompts.embeddings)
+
+
+def test_fit_draws_token_prompts_from_the_training_split_alone_once() -> None:
+    model, reference = make("vpt-deep+tokens", "vit"), make("vpt-deep+tokens", "vit")
+    train = tiny_dataset(6)
+    others = Untouchable(train.images, train.labels)
+    prepare(model, Splits(train, others, others), TrainConfig(seed=5, cache="off"), torch.device("cpu"))
+    init_from_tokens(reference, train, seed=5)
+    assert torch.equal(model.prompts.embeddings, reference.prompts.embeddings)
+    assert not model.prompts.tokens_pending
+    with torch.no_grad():
+        model.prompts.embeddings.add_(1.0)  # as if trained: a second prepare must not draw again
+    trained = model.prompts.embeddings.clone()
+    prepare(model, Splits(train), TrainConfig(seed=5), torch.device("cpu"))
+    assert torch.equal(model.prompts.embeddings, trained)
+
+
+def test_loaded_token_prompts_are_not_drawn_again(tmp_path) -> None:
+    model = make("vpt-deep+tokens", "dinov2")
+    init_from_tokens(model, tiny_dataset(6), seed=0)
+    vptune.save_task(model, tmp_path / "task")
+    loaded = vptune.load_task(tmp_path / "task", backbone=model.backbone)
+    assert not loaded.prompts.tokens_pending
+    assert torch.equal(loaded.prompts.embeddings, model.prompts.embeddings)
+
+
+def test_batched_training_refuses_token_prompts_not_yet_drawn() -> None:
+    models = [make("vpt-deep+tokens", "vit", seed=s) for s in (0, 1)]
+    with pytest.raises(ValueError, match="one at a time"):
+        vptune.stacking.stack(models)
+    assert not vptune.METHODS["vpt-deep+tokens"].batchable and vptune.METHODS["vpt-deep+kv"].batchable
+
+
+# --- saved, reloaded and served -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["dinov2", "swin"])
+def test_designs_reload_exactly(tmp_path, family: str) -> None:
+    model = make("vpt-deep+kv+fourier+tokens", family)
+    init_from_tokens(model, tiny_dataset(6, size=model.image_size), seed=0)
+    vptune.save_task(model, tmp_path / "task")
+    record = json.loads((tmp_path / "task" / "vptune.json").read_text())
+    assert record["prompt"]["kv_tokens"] == 5 and record["prompt"]["fourier"] == 0.5
+    assert record["prompt"]["init"] == "tokens"
+    loaded = vptune.load_task(tmp_path / "task", backbone=model.backbone)
+    x = inputs(family)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_multitask_serves_key_value_and_fourier_tasks_in_one_batch() -> None:
+    backbone = tiny_backbone("dinov2")
+    tasks = [
+        vptune.build(method, backbone, 3, image_size=IMAGE, seed=seed)
+        for method, seed in (("vpt-deep+kv", 0), ("vpt-deep+kv", 1), ("vpt-deep+fourier", 2), ("vpt-deep", 3))
+    ]
+    for task in tasks:
+        task.eval()
+    served = vptune.MultiTask(backbone, tasks)
+    assert len(served.groups()) == 3  # the two key-value tasks share one stacked group
+    x = pixels(backbone, 8)
+    ids = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    with torch.no_grad():
+        out = served(x, ids)
+        for row, task_id in enumerate(ids.tolist()):
+            torch.testing.assert_close(out[row], tasks[task_id](x[row : row + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone) -> None:
+    from vptune.cli import main
+
+    out = tmp_path / "run"
+    code = main([
+        "train", "--data", str(tiny_task), "--method", "vpt-deep", "--backbone", saved_backbone, "--image-size", "16",
+        "--epochs", "1", "--batch-size", "8", "--init", "tokens", "--kv-tokens", "2", "--fourier", "0.5",
+        "--num-tokens", "4", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "vptune.json").read_text())
+    assert {k: record["prompt"][k] for k in ("init", "kv_tokens", "fourier")} == {
+        "init": "tokens", "kv_tokens": 2, "fourier": 0.5,
+    }  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["prompt"]["kv_tokens"] == 2
+
+
+def test_a_design_option_outside_its_range_is_refused() -> None:
+    for bad, match in (({"kv_tokens": -1}, "kv_tokens"), ({"fourier": 1.5}, "fourier"),
+                       ({"fourier": 0.5, "location": "add"}, "fourier"), ({"init": "tokens", "project": 8}, "project")):
+        with pytest.raises(ValueError, match=match):
+            PromptConfig(**bad)  # fmt: skip
+    assert dataclasses.replace(PromptConfig(), kv_tokens=0).enabled
