@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 from conftest import FAMILIES, IMAGE, ImageSet, pixels, tiny_backbone, tiny_dataset
-from test_swin import swin_backbone
 from test_swin import pixels as swin_pixels
+from test_swin import swin_backbone
 
 import vptune
 from vptune import PromptConfig, Splits, TrainConfig
@@ -68,7 +68,7 @@ def test_a_design_at_its_neutral_value_is_plain_vpt_deep(family: str, neutral: d
     """fourier 0.05 of 10 prompts is floor(0.5) = 0 tokens: the Fourier code runs and changes nothing."""
     plain, other = make("vpt-deep", family), make("vpt-deep", family, **{**DEEP_PROMPT, **neutral})
     assert plain.state_dict().keys() == other.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, other.state_dict()[name]) for name, a in plain.state_dict().items())
     x = inputs(family)
     assert torch.equal(plain.eval()(x), other.eval()(x))
     recorded = vptune.RunSpec(data="d", method="vpt-deep", prompt=other.prompt_config).to_dict()["prompt"]
@@ -114,7 +114,8 @@ def test_key_value_prompts_are_keys_and_values_after_projection(family: str) -> 
     backbone = tiny_backbone(family)
     tokens = backbone.embed(pixels(backbone))
     context = torch.randn(1, 5, backbone.width, generator=torch.Generator().manual_seed(1))
-    parts = {role: backbone.blocks[1].get_submodule(path) for role, path in backbone.part_paths(backbone.blocks[1]).items()}
+    block = backbone.blocks[1]
+    parts = {role: block.get_submodule(path) for role, path in backbone.part_paths(block).items()}
     with torch.no_grad():
         normed = parts["norm1"](context)
         kv = (parts["k"](normed), parts["v"](normed))
@@ -154,7 +155,8 @@ def test_key_value_prompts_keep_the_sequence_and_change_the_output(family: str) 
 
         def recorded(*args, key=key, original=original, **kwargs):
             out = original(*args, **kwargs)
-            shapes[key].append([tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t)])
+            outputs = out if isinstance(out, tuple) else (out,)
+            shapes[key].append([tuple(t.shape) for t in outputs if torch.is_tensor(t)])
             return out
 
         setattr(model.backbone, step, recorded)
@@ -198,7 +200,7 @@ def test_token_prompts_are_patch_tokens_each_block_receives(family: str) -> None
     layers = model.prompts.layers
     with torch.no_grad():
         received = dict(block_inputs(model.backbone, x, layers))
-    for index, layer in enumerate(layers):
+    for layer in layers:
         prompts = model.prompts.select(layer, None)[0]  # (p, width)
         pool = received[layer].flatten(0, 1)
         for token in prompts:
@@ -297,8 +299,12 @@ def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone) 
 
 
 def test_a_design_option_outside_its_range_is_refused() -> None:
-    for bad, match in (({"kv_tokens": -1}, "kv_tokens"), ({"fourier": 1.5}, "fourier"),
-                       ({"fourier": 0.5, "location": "add"}, "fourier"), ({"init": "tokens", "project": 8}, "project")):
+    for bad, match in (
+        ({"kv_tokens": -1}, "kv_tokens"),
+        ({"fourier": 1.5}, "fourier"),
+        ({"fourier": 0.5, "location": "add"}, "fourier"),
+        ({"init": "tokens", "project": 8}, "project"),
+    ):
         with pytest.raises(ValueError, match=match):
             PromptConfig(**bad)  # fmt: skip
     assert dataclasses.replace(PromptConfig(), kv_tokens=0).enabled

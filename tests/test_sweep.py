@@ -51,6 +51,12 @@ def test_budgets_and_grids() -> None:
     assert len(plan_sweep("eurosat", "linear", "cpu").settings) == 4  # head-only: a cheap grid
     assert len(plan_sweep("eurosat", "vpt-deep", "cpu").grid_runs()) == 2  # two lrs for the prompt methods
     assert plan_sweep("eurosat", "full", "cpu").grid_runs() == []  # one setting: nothing to score
+    gpu = {method: plan_sweep("eurosat", method, "gpu") for method in ("linear", "vpt-deep", "vpt-deep+kv", "full")}
+    assert gpu["linear"].lrs == (1.0, 0.5, 0.25, 0.1) and gpu["vpt-deep"].lrs == (0.5, 0.25, 0.1, 0.05)
+    assert gpu["full"].lrs == (0.001, 0.0005) and gpu["vpt-deep+kv"].lrs == gpu["vpt-deep"].lrs  # one protocol
+    run = gpu["vpt-deep"].grid_runs()[0]["run"]
+    assert (run["image_size"], run["train"]["epochs"], run["train"]["warmup_epochs"]) == (224, 100, 10)
+    assert all(plan.seeds == 3 and len(plan.grid_runs()) == len(plan.lrs) for plan in gpu.values())
     tokens = plan_sweep("eurosat", "vpt-deep", "smoke", lrs=[0.1], wds=[0.0], num_tokens=[1, 10, 50])
     assert [s["num_tokens"] for s in tokens.settings] == [1, 10, 50]
     assert {entry["run"]["prompt"]["num_tokens"] for entry in tokens.grid_runs()} == {1, 10, 50}

@@ -102,7 +102,7 @@ class PromptConfig:
             _check(self.readout in (None, "cls"), "a ConvNet reads out its pooled features: leave readout unset")
         _check(not self.drop_after or token_prompts, "drop_after applies to prepended prompt tokens only")
         if self.location in CONV_LOCATIONS:
-            _check(not self.kv_tokens, f"location {self.location!r} prompts a ConvNet's pixels: kv_tokens needs attention")
+            _check(not self.kv_tokens, f"location {self.location!r} is a ConvNet's: kv_tokens needs attention")
         for name, used in (("fourier", self.fourier > 0), ("init 'tokens'", self.init == "tokens")):
             if used:
                 _check(self.location == "prepend", f"{name} applies to prepended prompt tokens (location 'prepend')")
