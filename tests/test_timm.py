@@ -108,6 +108,10 @@ def test_multitask_serves_timm_tasks(tmp_path) -> None:
     checks.check_multitask(timm_backbone(**VARIANTS["registers"], **SMALL), tmp_path)
 
 
+def test_fourier_and_token_prompts_work_and_key_value_prompts_are_refused(tmp_path) -> None:
+    checks.check_designs(timm_backbone(**VARIANTS["registers"], **SMALL), tmp_path)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_vpt_deep_trains_on_the_gpu_in_bf16() -> None:
     backbone = timm_backbone().cuda()

@@ -307,3 +307,7 @@ def test_vptune_train_on_a_timm_spec(fake_timm, tmp_path, tiny_task) -> None:
     assert record["trainable_parameters"] == DEPTH * 2 * WIDTH + WIDTH * 3 + 3
     loaded = vptune.load_task(out)
     assert loaded.backbone.fingerprint() == record["backbone"]["fingerprint"]
+
+
+def test_fourier_and_token_prompts_work_and_key_value_prompts_are_refused(tmp_path) -> None:
+    checks.check_designs(fake_backbone(), tmp_path)

@@ -123,3 +123,24 @@ def check_multitask(backbone: vptune.Backbone, folder: Path) -> None:
         logits = served(x, ids)
         for row, index in enumerate(ids.tolist()):
             torch.testing.assert_close(logits[row], tasks[index](x[row : row + 1])[0], atol=1e-5, rtol=0)
+
+
+def check_designs(backbone: vptune.Backbone, folder: Path) -> None:
+    """Fourier and token-initialised prompts work on a timm ViT (train, reload exactly); key-value prompts, which
+    need separate key and value projections, are refused with the reason."""
+    from torch.utils.data import TensorDataset
+
+    images = torch.randint(0, 256, (6, backbone.in_chans, backbone.image_size, backbone.image_size), dtype=torch.uint8)
+    data = TensorDataset(images, torch.arange(6) % CLASSES)
+    model = make("vpt-deep+fourier+tokens", backbone)
+    before = model.prompts.embeddings.detach().clone()
+    config = vptune.TrainConfig(epochs=1, batch_size=3, warmup_epochs=0, progress=False)
+    vptune.fit(model, vptune.Splits(data), config)
+    assert not model.prompts.tokens_pending and not torch.equal(before, model.prompts.embeddings)
+    vptune.save_task(model.eval(), folder / "designs")
+    loaded = vptune.load_task(folder / "designs", backbone=backbone).eval()
+    x = pixels(backbone)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="separate key and value projections"):
+        make("vpt-deep+kv", backbone)

@@ -101,10 +101,15 @@ class PromptConfig:
             _check(self.dropout == 0, f"location {self.location!r} prompts are pixels: they take no dropout (set 0)")
             _check(self.readout in (None, "cls"), "a ConvNet reads out its pooled features: leave readout unset")
         _check(not self.drop_after or token_prompts, "drop_after applies to prepended prompt tokens only")
-        if self.location in CONV_LOCATIONS:
-            _check(not self.kv_tokens, f"location {self.location!r} is a ConvNet's: kv_tokens needs attention")
-        for name, used in (("fourier", self.fourier > 0), ("init 'tokens'", self.init == "tokens")):
-            if used:
+        designs = (
+            ("kv_tokens", self.kv_tokens > 0),
+            ("fourier", self.fourier > 0),
+            ("init 'tokens'", self.init == "tokens"),
+        )
+        for name, used in designs:
+            conv = f"location {self.location!r} prompts a ConvNet's pixels: {name} needs a Transformer's tokens"
+            _check(not used or self.location not in CONV_LOCATIONS, conv)
+            if used and name != "kv_tokens":
                 _check(self.location == "prepend", f"{name} applies to prepended prompt tokens (location 'prepend')")
                 _check(not self.project, f"{name} works on prompts at the model's width: set project to 0")
 
