@@ -6,12 +6,18 @@
 # and commit: the next machine continues from there.
 #
 #   benchmarks/gpu-bench.sh OUT                     # from the repository root, with the data and weights in place
+#   tar xzf OUT/results.tgz -C "$RESULTS" --strip-components=2 --wildcards './*/*/*/runs/*.json'   # then commit
 #   env: BUDGET (cpu), METHODS (linear,vpt-shallow,vpt-deep,full), SEEDS (3), TASKS (the 9-task suite),
-#        RESULTS (benchmarks/results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480), SPLIT (1:
-#        processes per task, its methods shared round robin), TIMM (1: also run
-#        tests/test_timm.py beside the bench, where timm imports)
+#        RESULTS (benchmarks/results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480),
+#        SPLIT (1: processes per task, its methods dealt round robin), TIMM (1: also run tests/test_timm.py beside
+#        the bench, where timm imports)
+#   the data and weights travel in parts of at most 64 MiB (the weights split with `split -b`): see docs/benchmarks.md
+#   the designs of issue 19 (about 315 runs; 180 took 4 min 25 s on an H200 with SPLIT=1):
+#   SPLIT=2 METHODS=vpt-deep+kv,vpt-deep+fourier,vpt-deep+tokens,vpt-deep+kv+fourier+tokens,vpt-deep+kv+fourier,\
+#     vpt-deep+kv+tokens,vpt-deep+fourier+tokens benchmarks/gpu-bench.sh OUT
 #   a dry run on a CPU:
-#   PYTHON=.venv/bin/python VPTUNE_DATA=../shared/data BUDGET=smoke SEEDS=1 TASKS=retinamnist,dsprites_loc TIMM=0 benchmarks/gpu-bench.sh runs/dry
+#   PYTHON=.venv/bin/python VPTUNE_DATA=../shared/data BUDGET=smoke SEEDS=1 TASKS=retinamnist TIMM=0 \
+#     benchmarks/gpu-bench.sh runs/dry
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu-bench.sh OUT}
 budget=${BUDGET:-cpu} methods=${METHODS:-linear,vpt-shallow,vpt-deep,full} seeds=${SEEDS:-3}

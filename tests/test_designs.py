@@ -240,9 +240,13 @@ def test_loaded_token_prompts_are_not_drawn_again(tmp_path) -> None:
 
 
 def test_batched_training_refuses_token_prompts_not_yet_drawn() -> None:
-    models = [make("vpt-deep+tokens", "vit", seed=s) for s in (0, 1)]
+    from vptune.batched import fit_batched
+
+    backbone = tiny_backbone("vit")
+    prompt = PromptConfig(**DEEP_PROMPT, init="tokens")  # vpt-deep is batchable; its prompts here are not yet drawn
+    models = [vptune.build("vpt-deep", backbone, 3, prompt=prompt, image_size=IMAGE, seed=s) for s in (0, 1)]
     with pytest.raises(ValueError, match="one at a time"):
-        vptune.stacking.stack(models)
+        fit_batched(models, Splits(tiny_dataset(8)), [TrainConfig(epochs=1, batch_size=4)] * 2)
     assert not vptune.METHODS["vpt-deep+tokens"].batchable and vptune.METHODS["vpt-deep+kv"].batchable
 
 

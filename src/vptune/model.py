@@ -194,9 +194,10 @@ class TaskModel(nn.Module):
         context: torch.Tensor | None = None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        args = (index, hidden, skip, context) + ((kv,) if kv is not None else ())  # a family without kv: its own
         if index < self._recompute and torch.is_grad_enabled():
-            return checkpoint(self.backbone.run_block, index, hidden, skip, context, kv, use_reentrant=False)
-        return self.backbone.run_block(index, hidden, skip, context, kv)
+            return checkpoint(self.backbone.run_block, *args, use_reentrant=False)
+        return self.backbone.run_block(*args)
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0

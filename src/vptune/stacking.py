@@ -27,11 +27,6 @@ def stack(models: list[TaskModel], heads: bool = True) -> TaskModel:
     first = models[0]
     prompts = None
     if first.prompts is not None:
-        if any(getattr(model.prompts, "tokens_pending", False) for model in models):
-            raise ValueError(
-                "prompts with init 'tokens' are drawn from the training images when their own training starts: "
-                "train such models one at a time (not batched), then stack the trained ones"
-            )
         embeddings = torch.cat([model.prompts.embeddings.detach() for model in models])
         kind = type(first.prompts)  # Prompts, or a ConvNet's BorderPrompts (the same signature)
         prompts = kind(first.prompt_config, first.backbone, first.image_size, embeddings=embeddings)

@@ -69,15 +69,6 @@ BUDGETS: dict[str, Budget] = {
         "8 epochs (1 warmup), batch 32, 1 seed; grid x wd {1e-4}: base lr {0.4, 0.2, 0.1, 0.05} for methods "
         "that train only a head (linear, mlp-k), {0.1, 0.025} for the other SGD methods, AdamW 0.0005 alone",
     ),
-    "gpu": Budget(
-        "gpu", image_size=224, epochs=100, warmup_epochs=10, batch_size=64, seeds=3,
-        sgd_lrs=(0.5, 0.25, 0.1, 0.05), head_only_lrs=(1.0, 0.5, 0.25, 0.1), adamw_lrs=(0.001, 0.0005), wds=(0.0001,),
-        note="the paper's schedule on a GPU with a reduced grid: 224x224, 100 epochs (10 warmup), batch 64, 3 seeds; "
-        "grid x wd {1e-4}: base lr {1, 0.5, 0.25, 0.1} for methods that train only a head, {0.5, 0.25, 0.1, 0.05} "
-        "for the other SGD methods, AdamW {0.001, 0.0005}: the paper's values around the ones the cpu budget chose "
-        "on DINOv2-S (the top of its grid on most tasks), not its lrs of 1 to 50 made for ViT-B/16's smaller "
-        "features; benchmarks/gpu-bench.sh advances it resumably",
-    ),
     "paper": Budget(
         "paper", image_size=224, epochs=100, warmup_epochs=10, batch_size=64, seeds=5,
         note="the paper's protocol: 224x224, 100 epochs (10 warmup), the method's full lr x wd grid, 5 seeds",
@@ -92,6 +83,15 @@ BUDGETS: dict[str, Budget] = {
         "methods that train only a head (linear, mlp-k), {0.4, 0.2, 0.1, 0.05, 0.025} for the other SGD methods, "
         "AdamW {0.001, 0.0005, 0.00025}; successive halving (needs optuna: pip install 'vptune[tune]') stops a "
         "setting at epoch 2 unless its val accuracy is in the top third of the settings run before it",
+    ),
+    "gpu": Budget(
+        "gpu", image_size=224, epochs=100, warmup_epochs=10, batch_size=64, seeds=3,
+        sgd_lrs=(0.5, 0.25, 0.1, 0.05), head_only_lrs=(1.0, 0.5, 0.25, 0.1), adamw_lrs=(0.001, 0.0005), wds=(0.0001,),
+        note="the paper's schedule on a GPU with a reduced grid: 224x224, 100 epochs (10 warmup), batch 64, 3 seeds; "
+        "grid x wd {1e-4}: base lr {1, 0.5, 0.25, 0.1} for methods that train only a head, {0.5, 0.25, 0.1, 0.05} "
+        "for the other SGD methods, AdamW {0.001, 0.0005}: the paper's values around the ones the cpu budget chose "
+        "on DINOv2-S (the top of its grid on most tasks), not its lrs of 1 to 50 made for ViT-B/16's smaller "
+        "features; benchmarks/gpu-bench.sh advances it resumably",
     ),
 }  # fmt: skip
 
