@@ -12,7 +12,7 @@
 #        SPLIT (1: processes per task, its methods dealt round robin), TIMM (1: also run tests/test_timm.py beside
 #        the bench, where timm imports)
 #   the data and weights travel in parts of at most 64 MiB (the weights split with `split -b`): see docs/benchmarks.md
-#   the designs of issue 19 (about 315 runs; 180 took 4 min 25 s on an H200 with SPLIT=1):
+#   the designs of issue 19 (about 315 runs; 180 took under 4 min 45 s on an H200 with SPLIT=1):
 #   SPLIT=2 METHODS=vpt-deep+kv,vpt-deep+fourier,vpt-deep+tokens,vpt-deep+kv+fourier+tokens,vpt-deep+kv+fourier,\
 #     vpt-deep+kv+tokens,vpt-deep+fourier+tokens benchmarks/gpu-bench.sh OUT
 #   a dry run on a CPU:
