@@ -90,7 +90,7 @@ BUDGETS: dict[str, Budget] = {
         note="the paper's schedule on a GPU with a reduced grid: 224x224, 100 epochs (10 warmup), batch 64, 3 seeds; "
         "grid x wd {1e-4}: base lr {1, 0.5, 0.25, 0.1} for methods that train only a head, {0.5, 0.25, 0.1, 0.05} "
         "for the other SGD methods, AdamW {0.001, 0.0005}: the paper's values around the ones the cpu budget chose "
-        "on DINOv2-S (the top of its grid on most tasks), not its lrs of 1 to 50 made for ViT-B/16's smaller "
+        "on DINOv2-S (VPT-Deep: the top of its grid on every task), not its lrs of 1 to 50 made for ViT-B/16's smaller "
         "features; benchmarks/gpu-bench.sh advances it resumably",
     ),
 }  # fmt: skip
