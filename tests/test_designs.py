@@ -4,7 +4,9 @@ the backbone's own tokens (Self-Prompt Tuning), alone and together, on every fam
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +61,24 @@ def test_only_the_designs_tensors_train(family: str, method: str) -> None:
     vptune.fit(model, Splits(data), TrainConfig(epochs=1, batch_size=4, base_lr=1.0, warmup_epochs=0))
     assert all(torch.equal(frozen[name], p) for name, p in model.named_parameters() if name in frozen)
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name in before)
+
+
+# --- what a deep prompt's scale does ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deep_prompts_reach_the_model_through_their_blocks_norm_alone(family: str) -> None:
+    """VPT-Deep's prompts enter each block through its first norm and are replaced after it, so with a read-out that
+    does not read them (``cls``) scaling any prompt token by a positive factor leaves the logits as they are, up to
+    the norm's eps: a token's norm sets only how far a step turns it (benchmarks/prompt_motion.py measures that).
+    VPT-Shallow's prompt outputs flow on through the residual: not so there."""
+    x = inputs(family)
+    factors = torch.linspace(0.5, 5.0, 10).view(1, 1, 10, 1)  # one factor per token, every block
+    for method, invariant in (("vpt-deep", True), ("vpt-shallow", False)):
+        model = make(method, family, readout="cls").eval()
+        before = model(x)
+        with torch.no_grad():
+            model.prompts.embeddings.mul_(factors)
+        change = (model(x) - before).abs().max().item()
+        assert (change < 1e-3) == invariant, (method, change)
 
 
 # --- neutral values are plain VPT ---------------------------------------------------------------------------------
@@ -301,6 +321,34 @@ def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone) 
     }  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["prompt"]["kv_tokens"] == 2
+
+
+@pytest.mark.parametrize("init", ["tokens", "xavier"])
+def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(tmp_path, tiny_task, saved_backbone, init) -> None:
+    """benchmarks/prompt_motion.py compares a run's trained prompts with the ones it started from, rebuilt from its
+    config.json: after a step of lr 1e-9 they are the same (cosine 1, equal norms), after training at lr 50 they
+    are not."""
+    from vptune.cli import main
+
+    path = Path(__file__).parents[1] / "benchmarks" / "prompt_motion.py"
+    spec = importlib.util.spec_from_file_location("prompt_motion", path)
+    prompt_motion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prompt_motion)
+    cosines = {}
+    for lr, epochs in ((1e-9, 1), (50.0, 3)):
+        out = tmp_path / f"run-{lr}"
+        code = main([
+            "train", "--data", str(tiny_task), "--method", "vpt-deep", "--backbone", saved_backbone, "--init", init,
+            "--image-size", "16", "--epochs", str(epochs), "--batch-size", "8", "--num-tokens", "4",
+            "--base-lr", str(lr), "--warmup-epochs", "0", "--out", str(out),
+        ])  # fmt: skip
+        assert code == 0
+        rows = prompt_motion.motion(out)
+        assert len(rows) == 2  # the tiny backbone's two blocks
+        cosines[lr] = min(row["cosine"] for row in rows)
+        if lr == 1e-9:
+            assert all(row["norm_start"] == pytest.approx(row["norm_end"], rel=1e-5) for row in rows)
+    assert cosines[1e-9] > 0.99999 and cosines[50.0] < 0.999
 
 
 def test_a_design_option_outside_its_range_is_refused() -> None:
