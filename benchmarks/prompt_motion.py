@@ -20,14 +20,21 @@ from pathlib import Path
 import torch
 
 import vptune
+from vptune.data import TaskData
 from vptune.engine import load_splits
 from vptune.prototypes import init_from_tokens
 from vptune.runs import RunSpec
 
 
-def starting_prompts(folder: Path) -> torch.Tensor:
-    """The (S, p, d) prompts the run in ``folder`` started from."""
-    spec = RunSpec.from_dict(json.loads((folder / "config.json").read_text()), where=str(folder / "config.json"))
+def read_spec(path: Path) -> RunSpec:
+    """The run spec of a run folder (its config.json) or of a sweep's ``runs/<id>.json`` (its ``resolved`` spec)."""
+    path = path / "config.json" if path.is_dir() else path
+    data = json.loads(path.read_text())
+    return RunSpec.from_dict(data.get("resolved", data), where=str(path))
+
+
+def starting_model(spec: RunSpec) -> tuple[vptune.TaskModel, TaskData]:
+    """The model ``spec`` starts training from (token prompts drawn, as training would draw them), and its task."""
     task = vptune.open_task(spec.data)
     backbone = vptune.load_backbone(spec.backbone)
     model = vptune.build(spec.method, backbone, task.num_classes, spec.prompt, spec.image_size, spec.train.seed,
@@ -36,6 +43,12 @@ def starting_prompts(folder: Path) -> torch.Tensor:
     if model.prompts.tokens_pending:
         splits = load_splits(task, spec.train.for_method(model.method), model.preprocessing)
         init_from_tokens(model, splits.train, seed=spec.train.seed)
+    return model, task
+
+
+def starting_prompts(folder: Path) -> torch.Tensor:
+    """The (S, p, d) prompts the run in ``folder`` started from."""
+    model, _ = starting_model(read_spec(folder))
     return model.prompts.embeddings.detach()[0]
 
 

@@ -324,16 +324,15 @@ def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone) 
 
 
 @pytest.mark.parametrize("init", ["tokens", "xavier"])
-def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(tmp_path, tiny_task, saved_backbone, init) -> None:
+def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(
+    tmp_path, tiny_task, saved_backbone, init, monkeypatch
+) -> None:
     """benchmarks/prompt_motion.py compares a run's trained prompts with the ones it started from, rebuilt from its
     config.json: after a step of lr 1e-9 they are the same (cosine 1, equal norms), after training at lr 50 they
     are not."""
     from vptune.cli import main
 
-    path = Path(__file__).parents[1] / "benchmarks" / "prompt_motion.py"
-    spec = importlib.util.spec_from_file_location("prompt_motion", path)
-    prompt_motion = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prompt_motion)
+    prompt_motion = benchmark_script("prompt_motion", monkeypatch)
     cosines = {}
     for lr, epochs in ((1e-9, 1), (50.0, 3)):
         out = tmp_path / f"run-{lr}"
@@ -349,6 +348,41 @@ def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(tmp_path, tiny_ta
         if lr == 1e-9:
             assert all(row["norm_start"] == pytest.approx(row["norm_end"], rel=1e-5) for row in rows)
     assert cosines[1e-9] > 0.99999 and cosines[50.0] < 0.999
+
+
+def benchmark_script(name: str, monkeypatch) -> object:
+    """A script of benchmarks/ imported as a module (the folder on sys.path, as when the script runs)."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("init", ["tokens", "xavier"])
+def test_scaled_start_at_scale_one_trains_the_recorded_run_again(
+    tmp_path, tiny_task, saved_backbone, init, monkeypatch
+) -> None:
+    """benchmarks/scaled_start.py retrains a run from its own config with the starting prompts scaled: at scale 1
+    it gives the run's recorded accuracies exactly, at another scale other ones; a scale of 0 is refused."""
+    from vptune.cli import main
+
+    scaled_start = benchmark_script("scaled_start", monkeypatch)
+    out = tmp_path / "run"
+    code = main([
+        "train", "--data", str(tiny_task), "--method", "vpt-deep", "--backbone", saved_backbone, "--init", init,
+        "--image-size", "16", "--epochs", "2", "--batch-size", "8", "--num-tokens", "4", "--base-lr", "5",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    recorded = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    again = scaled_start.train_scaled(out, 1.0)
+    assert again["test_accuracy"] == recorded["test_accuracy"]
+    assert again["train_loss"] == pytest.approx(recorded["train_loss"], rel=1e-6)
+    assert scaled_start.train_scaled(out, 0.01)["train_loss"] != pytest.approx(recorded["train_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="positive"):
+        scaled_start.train_scaled(out, 0.0)
 
 
 def test_a_design_option_outside_its_range_is_refused() -> None:
