@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,13 @@ def needs_real(*tasks: str, backbone: str = "dinov2-small") -> pytest.MarkDecora
         places = ", ".join(str(root / SHORT_NAMES[backbone][0]) for root in weight_roots())
         missing.append(f"the {backbone} weights (looked in {places})")
     return pytest.mark.skipif(bool(missing), reason="needs " + "; ".join(missing))
+
+
+def benchmark_script(name: str, monkeypatch: pytest.MonkeyPatch) -> object:
+    """A script of benchmarks/ imported as a module (that folder on sys.path, as when the script runs)."""
+    folder = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,13 +4,11 @@ the backbone's own tokens (Self-Prompt Tuning), alone and together, on every fam
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, IMAGE, ImageSet, pixels, tiny_backbone, tiny_dataset
+from conftest import FAMILIES, IMAGE, ImageSet, benchmark_script, pixels, tiny_backbone, tiny_dataset
 from test_swin import pixels as swin_pixels
 from test_swin import swin_backbone
 
@@ -348,16 +346,6 @@ def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(
         if lr == 1e-9:
             assert all(row["norm_start"] == pytest.approx(row["norm_end"], rel=1e-5) for row in rows)
     assert cosines[1e-9] > 0.99999 and cosines[50.0] < 0.999
-
-
-def benchmark_script(name: str, monkeypatch) -> object:
-    """A script of benchmarks/ imported as a module (the folder on sys.path, as when the script runs)."""
-    folder = Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("init", ["tokens", "xavier"])

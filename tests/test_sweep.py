@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import needs_real
+from conftest import benchmark_script, needs_real
 
 import vptune
 import vptune.sweep.executors
@@ -126,6 +126,27 @@ def test_bench_table_groups_and_figures(tmp_path, saved_backbone, tiny_task) -> 
         assert (tmp_path / file).stat().st_size > 0
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "bench.csv").read_text().splitlines()[0].startswith(f"method,{name},")
+
+
+def test_bench_table_script_rebuilds_the_bench_from_its_runs(tmp_path, saved_backbone, tiny_task, monkeypatch) -> None:
+    """benchmarks/bench_table.py writes, from recorded runs alone, the table the bench wrote; a cell may come from
+    another folder; a missing run, or one recorded for another spec, is named and nothing trains."""
+    bench_table_script = benchmark_script("bench_table", monkeypatch)
+    plan = {"budget": TINY, "backbone": saved_backbone, "lrs": [0.5], "seeds": 1}
+    bench, other = tmp_path / "bench", tmp_path / "other"
+    run_bench(plan_bench([str(tiny_task)], ["linear", "vpt-deep"], **plan), bench)
+    (other / tiny_task.name).mkdir(parents=True)
+    (bench / tiny_task.name / "linear").rename(other / tiny_task.name / "linear")
+    summary = bench_table_script.table(
+        bench, {"linear": other}, [str(tiny_task)], ["linear", "vpt-deep"], tmp_path / "table", **plan
+    )
+    assert (tmp_path / "table" / "bench.md").read_text() == (bench / "bench.md").read_text()
+    assert [row["method"] for row in summary["rows"]] == ["linear", "vpt-deep"]
+    assert (tmp_path / "table" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(bench_table_script.MissingRun, match="no runs for .* linear"):
+        bench_table_script.table(bench, {}, [str(tiny_task)], ["linear"], tmp_path / "t2", **plan)
+    with pytest.raises(bench_table_script.MissingRun, match="final-lr0.25"):
+        bench_table_script.table(bench, {}, [str(tiny_task)], ["vpt-deep"], tmp_path / "t3", **{**plan, "lrs": [0.25]})
 
 
 def test_bench_groups_follow_vtab() -> None:
