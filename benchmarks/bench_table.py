@@ -9,12 +9,14 @@ Each cell (task, method) is read from ``<root>/<task>/<method>/runs/*.json`` (th
 runs are those ``vptune bench`` with the same budget, seeds and backbone would plan, to the letter (a run recorded
 for another spec, a data path included, counts as missing), and the table, CSV and figures are written by the
 bench's own code (``vptune.bench.run_bench``, with an executor that refuses to train), so they are what the bench
-itself would print. A missing run is an error that names it.
+itself would print; ``detail.md`` adds, per cell, each grid point's val accuracy (the chosen one in bold), each
+final run's train accuracy and the final runs' mean time for their last epoch. A missing run is an error that names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -24,6 +26,9 @@ from vptune.bench import plan_bench, run_bench
 from vptune.data import open_task
 
 OUTPUTS = ("bench.md", "bench.csv", "bench.json", "accuracy.png", "tradeoff.png")
+DETAIL_HEADER = (
+    "| task | method | grid (base lr: val %) | final train % (by seed) | s / last epoch |\n|---|---|---|---|---|"
+)
 
 
 class MissingRun(RuntimeError):
@@ -49,6 +54,33 @@ def gather(root: Path, sources: dict[str, Path], tasks: list[str], methods: list
                 shutil.copy2(path, target / path.name)
 
 
+def detail_row(task: str, method: str, sweep: dict, scratch: Path) -> str:
+    """One line of the detail table from a cell's ``sweep.json``: each grid point's val accuracy (the chosen one in
+    bold), each final run's train accuracy, and the final runs' mean time for their last epoch."""
+    points = []
+    for row in sorted(sweep["grid"], key=lambda row: row["setting"]["base_lr"]):
+        val = row["val_accuracy"]
+        point = f"{row['setting']['base_lr']:g}: " + ("diverged" if val is None else f"{100 * val:.1f}")
+        points.append(f"**{point}**" if row["setting"] == sweep["choice"] else point)
+    train = ", ".join("diverged" if t is None else f"{100 * t:.1f}" for t in sweep["final_train_accuracy"])
+    finals = [
+        json.loads((scratch / "runs" / f"{run}.json").read_text()) for run in sweep["runs"] if run.startswith("final")
+    ]
+    last = [r["metrics"]["seconds"] for r in finals if "seconds" in r["metrics"]]  # the last epoch's time
+    per_epoch = f"{sum(last) / len(last):.3g}" if last else "n/a"
+    return f"| {task} | {method} | {'; '.join(points) or 'no grid'} | {train} | {per_epoch} |"
+
+
+def detail(summary: dict, scratch: Path) -> str:
+    """The detail table (markdown): for every cell, the grid, the final runs' train accuracy and their speed."""
+    rows = [DETAIL_HEADER]
+    for task in summary["tasks"]:
+        for method in summary["methods"]:
+            cell = scratch / task / method
+            rows.append(detail_row(task, method, json.loads((cell / "sweep.json").read_text()), cell))
+    return "\n".join(rows) + "\n"
+
+
 def table(root: Path, sources: dict[str, Path], tasks: list[str], methods: list[str], out: Path, **plan) -> dict:
     """Write the bench's outputs for ``tasks`` x ``methods`` into ``out``; return its summary."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -58,6 +90,7 @@ def table(root: Path, sources: dict[str, Path], tasks: list[str], methods: list[
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:
             shutil.copy2(Path(scratch) / name, out / name)
+        (out / "detail.md").write_text(detail(summary, Path(scratch)))
     return summary
 
 

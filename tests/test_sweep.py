@@ -132,7 +132,7 @@ def test_bench_table_script_rebuilds_the_bench_from_its_runs(tmp_path, saved_bac
     """benchmarks/bench_table.py writes, from recorded runs alone, the table the bench wrote; a cell may come from
     another folder; a missing run, or one recorded for another spec, is named and nothing trains."""
     bench_table_script = benchmark_script("bench_table", monkeypatch)
-    plan = {"budget": TINY, "backbone": saved_backbone, "lrs": [0.5], "seeds": 1}
+    plan = {"budget": TINY, "backbone": saved_backbone, "lrs": [0.5, 0.25], "seeds": 1}
     bench, other = tmp_path / "bench", tmp_path / "other"
     run_bench(plan_bench([str(tiny_task)], ["linear", "vpt-deep"], **plan), bench)
     (other / tiny_task.name).mkdir(parents=True)
@@ -143,10 +143,19 @@ def test_bench_table_script_rebuilds_the_bench_from_its_runs(tmp_path, saved_bac
     assert (tmp_path / "table" / "bench.md").read_text() == (bench / "bench.md").read_text()
     assert [row["method"] for row in summary["rows"]] == ["linear", "vpt-deep"]
     assert (tmp_path / "table" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    detail = (tmp_path / "table" / "detail.md").read_text().splitlines()
+    sweep = json.loads((bench / tiny_task.name / "vpt-deep" / "sweep.json").read_text())
+    chosen = f"**{sweep['choice']['base_lr']:g}: "
+    assert detail[2].startswith(f"| {tiny_task.name} | linear |") and detail[3].startswith(
+        f"| {tiny_task.name} | vpt-deep |"
+    )
+    assert chosen in detail[3] and detail[3].count("**") == 2 and "0.25: " in detail[3] and "0.5: " in detail[3]
+    assert f"{100 * sweep['final_train_accuracy'][0]:.1f}" in detail[3].split("|")[4]
     with pytest.raises(bench_table_script.MissingRun, match="no runs for .* linear"):
         bench_table_script.table(bench, {}, [str(tiny_task)], ["linear"], tmp_path / "t2", **plan)
-    with pytest.raises(bench_table_script.MissingRun, match="final-lr0.25"):
-        bench_table_script.table(bench, {}, [str(tiny_task)], ["vpt-deep"], tmp_path / "t3", **{**plan, "lrs": [0.25]})
+    with pytest.raises(bench_table_script.MissingRun, match="grid-lr0.125"):
+        plan = {**plan, "lrs": [0.5, 0.125]}
+        bench_table_script.table(bench, {}, [str(tiny_task)], ["vpt-deep"], tmp_path / "t3", **plan)
 
 
 def test_bench_groups_follow_vtab() -> None:
