@@ -353,7 +353,8 @@ def test_scaled_start_at_scale_one_trains_the_recorded_run_again(
     tmp_path, tiny_task, saved_backbone, init, monkeypatch
 ) -> None:
     """benchmarks/scaled_start.py retrains a run from its own config with the starting prompts scaled: at scale 1
-    it gives the run's recorded accuracies exactly, at another scale other ones; a scale of 0 is refused."""
+    it gives the run's recorded accuracies exactly, at another scale or a set norm other ones; a scale of 0 is
+    refused; ``norm`` sets every token's norm and keeps its direction."""
     from vptune.cli import main
 
     scaled_start = benchmark_script("scaled_start", monkeypatch)
@@ -369,8 +370,16 @@ def test_scaled_start_at_scale_one_trains_the_recorded_run_again(
     assert again["test_accuracy"] == recorded["test_accuracy"]
     assert again["train_loss"] == pytest.approx(recorded["train_loss"], rel=1e-6)
     assert scaled_start.train_scaled(out, 0.01)["train_loss"] != pytest.approx(recorded["train_loss"], rel=1e-3)
+    assert scaled_start.train_scaled(out, norm=0.01)["train_loss"] != pytest.approx(recorded["train_loss"], rel=1e-3)
     with pytest.raises(ValueError, match="positive"):
         scaled_start.train_scaled(out, 0.0)
+    tokens = torch.randn(2, 3, 5)
+    rescaled = tokens.clone()
+    scaled_start.rescale(rescaled, norm=0.5)
+    assert torch.allclose(rescaled.norm(dim=-1), torch.full((2, 3), 0.5))
+    assert torch.allclose(torch.nn.functional.cosine_similarity(rescaled, tokens, dim=-1), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="one of"):
+        scaled_start.rescale(tokens, scale=2.0, norm=1.0)
 
 
 def test_a_design_option_outside_its_range_is_refused() -> None:
