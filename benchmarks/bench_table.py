@@ -2,7 +2,7 @@
 
     python benchmarks/bench_table.py benchmarks/results/bench-cpu-designs --budget cpu --seeds 3 \\
         --tasks cifar10,eurosat --methods vpt-deep,linear,full --source full=benchmarks/results/bench-gpu-cpu3 \\
-        --out docs/designs
+        --out benchmarks/results/bench-cpu-designs/table
 
 Each cell (task, method) is read from ``<root>/<task>/<method>/runs/*.json`` (the ``runs/`` a sweep or
 ``vptune bench`` writes), ``root`` being the first folder or, for a method named in ``--source``, that folder. The

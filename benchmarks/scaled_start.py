@@ -27,9 +27,9 @@ def rescale(prompts: torch.Tensor, scale: float | None = None, norm: float | Non
     """In place: every token (last dimension) times ``scale``, or set to norm ``norm``, its direction kept."""
     if (scale is None) == (norm is None):
         raise ValueError("give one of --scale and --norm")
-    factor = scale if norm is None else norm
-    if not factor > 0:
-        raise ValueError(f"--{'scale' if norm is None else 'norm'} must be positive, got {factor}")
+    name, value = ("scale", scale) if norm is None else ("norm", norm)
+    if not value > 0:
+        raise ValueError(f"--{name} must be positive, got {value}")
     with torch.no_grad():
         prompts.mul_(scale if norm is None else norm / prompts.norm(dim=-1, keepdim=True))
 
