@@ -17,11 +17,12 @@ from vptune import PromptConfig, Splits, TrainConfig
 from vptune.backbones.swin import prompted_block
 from vptune.engine import prepare
 from vptune.methods.vpt import DEEP_PROMPT
-from vptune.prompts import fourier
+from vptune.prompts import fourier, xavier_bound, xavier_norm
 from vptune.prototypes import block_inputs, init_from_tokens
 
-DESIGNS = ("vpt-deep+kv", "vpt-deep+fourier", "vpt-deep+tokens", "vpt-deep+kv+fourier+tokens")
+DESIGNS = ("vpt-deep+kv", "vpt-deep+fourier", "vpt-deep+tokens", "vpt-deep+scaled-tokens", "vpt-deep+kv+fourier+tokens")
 TRAINS = {
+    "vpt-deep+scaled-tokens": {"prompts.embeddings"},
     "vpt-deep+kv": {"prompts.embeddings", "prompts.kv_keys", "prompts.kv_values"},
     "vpt-deep+fourier": {"prompts.embeddings"},
     "vpt-deep+tokens": {"prompts.embeddings"},
@@ -227,17 +228,19 @@ def test_token_prompts_are_patch_tokens_each_block_receives(family: str) -> None
         assert len({tuple(t.tolist()) for t in prompts}) == len(prompts)  # drawn without replacement
 
 
-def test_token_prompts_are_deterministic_for_a_seed() -> None:
+@pytest.mark.parametrize("method", ["vpt-deep+tokens", "vpt-deep+scaled-tokens"])
+def test_token_prompts_are_deterministic_for_a_seed(method: str) -> None:
     data = tiny_dataset(6)
-    models = [make("vpt-deep+tokens", "dinov2") for _ in range(3)]
+    models = [make(method, "dinov2") for _ in range(3)]
     for model, seed in zip(models, (0, 0, 1), strict=True):
         init_from_tokens(model, data, seed=seed)
     assert torch.equal(models[0].prompts.embeddings, models[1].prompts.embeddings)
     assert not torch.equal(models[0].prompts.embeddings, models[2].prompts.embeddings)
 
 
-def test_fit_draws_token_prompts_from_the_training_split_alone_once() -> None:
-    model, reference = make("vpt-deep+tokens", "vit"), make("vpt-deep+tokens", "vit")
+@pytest.mark.parametrize("method", ["vpt-deep+tokens", "vpt-deep+scaled-tokens"])
+def test_fit_draws_token_prompts_from_the_training_split_alone_once(method: str) -> None:
+    model, reference = make(method, "vit"), make(method, "vit")
     train = tiny_dataset(6)
     others = Untouchable(train.images, train.labels)
     prepare(model, Splits(train, others, others), TrainConfig(seed=5, cache="off"), torch.device("cpu"))
@@ -249,6 +252,44 @@ def test_fit_draws_token_prompts_from_the_training_split_alone_once() -> None:
     trained = model.prompts.embeddings.clone()
     prepare(model, Splits(train), TrainConfig(seed=5), torch.device("cpu"))
     assert torch.equal(model.prompts.embeddings, trained)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_scaled_token_prompts_are_the_same_tokens_at_a_xavier_prompts_norm(family: str) -> None:
+    """init 'scaled-tokens' draws the tokens 'tokens' draws (same seed, same images) and sets each one's norm to the
+    root-mean-square norm of a Xavier prompt of its width, its direction kept; on Swin each stage at its width."""
+    data = tiny_dataset(6, size=inputs(family).shape[-1])
+    tokens, scaled = make("vpt-deep+tokens", family), make("vpt-deep+scaled-tokens", family)
+    for model in (tokens, scaled):
+        init_from_tokens(model, data, seed=2)
+    backbone = scaled.backbone
+    for layer in scaled.prompts.layers:
+        drawn, rescaled = tokens.prompts.select(layer, None)[0], scaled.prompts.select(layer, None)[0]
+        width = backbone.block_width(layer)
+        norm = xavier_norm(backbone.patch_size, backbone.block_width(0), width)
+        torch.testing.assert_close(rescaled.norm(dim=-1), torch.full((len(drawn),), norm))
+        cosine = torch.nn.functional.cosine_similarity(rescaled, drawn, dim=-1)
+        torch.testing.assert_close(cosine, torch.ones_like(cosine))
+        assert not torch.allclose(drawn.norm(dim=-1), rescaled.norm(dim=-1))  # the tokens' own norms differ
+
+
+def test_xavier_norm_is_the_norm_xavier_prompts_have() -> None:
+    """The paper's Xavier prompts of ViT-S/14 (d = 384) have norm 0.89; xavier_norm says so, and so does a draw."""
+    assert xavier_norm(14, 384, 384) == pytest.approx(0.8889, abs=1e-4)
+    bound = xavier_bound(14, 384)
+    draw = torch.empty(20000, 384).uniform_(-bound, bound, generator=torch.Generator().manual_seed(0))
+    assert draw.norm(dim=-1).pow(2).mean().sqrt().item() == pytest.approx(xavier_norm(14, 384, 384), rel=2e-3)
+    assert xavier_norm(4, 768, 192) == pytest.approx(xavier_bound(4, 768) * 8)
+
+
+def test_scaled_token_designs_compose_with_the_others_but_not_with_tokens() -> None:
+    names = vptune.METHODS
+    assert {"vpt-deep+scaled-tokens", "vpt-deep+kv+scaled-tokens", "vpt-deep+kv+fourier+scaled-tokens"} <= set(names)
+    assert not [name for name in names if "+tokens" in name and "scaled-tokens" in name]
+    assert names["vpt-deep+kv+scaled-tokens"].prompt["init"] == "scaled-tokens"
+    assert not names["vpt-deep+scaled-tokens"].batchable
+    with pytest.raises(ValueError, match="scaled-tokens"):
+        PromptConfig(init="scaled-tokens", location="add")
 
 
 def test_loaded_token_prompts_are_not_drawn_again(tmp_path) -> None:

@@ -146,8 +146,8 @@ def _check(models: list[TaskModel], configs: list[TrainConfig]) -> None:
         raise ValueError(f"method {first.method!r} cannot be batched; batchable: {', '.join(batchable_methods())}")
     if any(getattr(model.prompts, "tokens_pending", False) for model in models):
         raise ValueError(
-            "prompts with init 'tokens' are drawn from the training images when each run's training starts: train "
-            "such models one at a time (not batched)"
+            "prompts with init 'tokens' or 'scaled-tokens' are drawn from the training images when each run's "
+            "training starts: train such models one at a time (not batched)"
         )
     if not stackable(first):
         raise ValueError("prompts with a projection or an input channel cannot be batched (per-config modules)")

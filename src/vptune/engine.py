@@ -343,7 +343,7 @@ def prepare(
     warn_slow_bf16(device, config.precision)
     splits = data if isinstance(data, Splits) else load_splits(data, config, model.preprocessing)
     model.to(device)
-    if getattr(model.prompts, "tokens_pending", False):  # init "tokens": drawn from this run's train split
+    if getattr(model.prompts, "tokens_pending", False):  # init "tokens", "scaled-tokens": from the train split
         init_from_tokens(model, splits.train, seed=config.seed)
     point = cache_point(model, splits.train, config)
     if point:

@@ -18,7 +18,8 @@ from .config import check_fields, option
 
 LOCATIONS = ("prepend", "add", "prepend-pixel", "concat-channel")  # a Transformer's (backbones with tokens)
 READOUTS = ("cls", "image", "prompt", "all")
-INITS = ("xavier", "normal", "zeros", "tokens")
+INITS = ("xavier", "normal", "zeros", "tokens", "scaled-tokens")
+TOKEN_INITS = ("tokens", "scaled-tokens")  # prompts drawn from the training images by vptune.prototypes
 PIXEL_LOCATIONS = ("prepend-pixel", "concat-channel")
 CONV_LOCATIONS = ("pad", "below")  # a ConvNet's prompts (vptune.convnet): a border of pixels, extra input channels
 
@@ -48,7 +49,8 @@ class PromptConfig:
     init: str = option(
         "xavier",
         "xavier = uniform(-v, v), v = sqrt(6/(3*s*s + d)); normal; zeros; tokens = patch tokens that each prompted "
-        "block receives on training images, drawn at random (Self-Prompt Tuning; done by fit before training)",
+        "block receives on training images, drawn at random (Self-Prompt Tuning; done by fit before training); "
+        "scaled-tokens = those tokens, each rescaled to the norm a Xavier prompt has, v*sqrt(d/3)",
         choices=INITS,
     )
     project: int = option(0, "store prompts at width k and map them to d with a trainable Linear(k, d); 0 = off")
@@ -104,7 +106,7 @@ class PromptConfig:
         designs = (
             ("kv_tokens", self.kv_tokens > 0),
             ("fourier", self.fourier > 0),
-            ("init 'tokens'", self.init == "tokens"),
+            (f"init {self.init!r}", self.from_tokens),
         )
         for name, used in designs:
             conv = f"location {self.location!r} prompts a ConvNet's pixels: {name} needs a Transformer's tokens"
@@ -112,6 +114,11 @@ class PromptConfig:
             if used and name != "kv_tokens":
                 _check(self.location == "prepend", f"{name} applies to prepended prompt tokens (location 'prepend')")
                 _check(not self.project, f"{name} works on prompts at the model's width: set project to 0")
+
+    @property
+    def from_tokens(self) -> bool:
+        """Whether the prompts start as patch tokens of the training images (init ``tokens`` or ``scaled-tokens``)."""
+        return self.init in TOKEN_INITS
 
     @property
     def enabled(self) -> bool:
@@ -156,6 +163,12 @@ def _set_widths(config: PromptConfig, backbone: Backbone, layers: list[int]) -> 
 def xavier_bound(patch_size: int, width: int) -> float:
     """The paper's init bound sqrt(6 / (3*s*s + d)) (Xavier-uniform with the patch embedding's fan-in)."""
     return math.sqrt(6.0 / (3 * patch_size * patch_size + width))
+
+
+def xavier_norm(patch_size: int, fan_width: int, width: int) -> float:
+    """The root-mean-square norm of a ``width``-wide prompt token drawn uniformly in (-v, v), v the bound for
+    ``fan_width``: v * sqrt(width / 3) (0.89 for ViT-S/14's d = 384)."""
+    return xavier_bound(patch_size, fan_width) * math.sqrt(width / 3)
 
 
 class Prompts(nn.Module):
@@ -207,7 +220,7 @@ class Prompts(nn.Module):
             width = sum(self.widths) if self.side_by_side else backbone.width
             kv_shape = (num_tasks, 1 if self.side_by_side else len(self.layers), config.kv_tokens, width)
             self.kv_keys, self.kv_values = (nn.Parameter(torch.empty(kv_shape)) for _ in "kv")
-        self.tokens_pending = config.init == "tokens" and not given  # see init_from_tokens
+        self.tokens_pending = config.from_tokens and not given  # see init_from_tokens
         if not given:
             self.reset_parameters(backbone, generator)
 
@@ -243,9 +256,9 @@ class Prompts(nn.Module):
                     self._draw(tensor, backbone.block_width(0), backbone, generator)
 
     def _draw(self, tensor: torch.Tensor, width: int, backbone: Backbone, generator: torch.Generator | None) -> None:
-        """Fill ``tensor`` as ``init`` says, xavier's bound for ``width`` (``tokens``: as ``xavier`` until
-        :func:`init_from_tokens` replaces the prompts, once it sees training images)."""
-        if self.config.init in ("xavier", "tokens"):
+        """Fill ``tensor`` as ``init`` says, xavier's bound for ``width`` (``tokens`` and ``scaled-tokens``: as
+        ``xavier`` until :func:`init_from_tokens` replaces the prompts, once it sees training images)."""
+        if self.config.init == "xavier" or self.config.from_tokens:
             bound = xavier_bound(backbone.patch_size, width)
             tensor.uniform_(-bound, bound, generator=generator)
         elif self.config.init == "normal":

@@ -4,6 +4,12 @@ With ``PromptConfig(init="tokens")`` each prompted block's p prompts start as p 
 when the frozen backbone (no prompts) runs on the training images: drawn uniformly at random, without replacement,
 from every (image, patch) pair, as SPT's "random" sampling draws them. :func:`vptune.fit` does it before the first
 step, from the split it trains on and with the run's seed; a model whose prompts were loaded or given is left alone.
+
+``init="scaled-tokens"`` draws the same tokens and rescales each to the norm a Xavier-initialised prompt has
+(:func:`vptune.prompts.xavier_norm`; 0.89 on ViT-S/14), its direction kept. A pre-norm block sees its prompts only
+through LayerNorm, so the rescaling leaves what the starting model computes unchanged (with the ``cls`` read-out)
+and changes how far a step turns the prompts: DINOv2's later blocks receive tokens of norm 3 to 9, which SGD barely
+turns (docs/benchmarks.md, "Beyond the paper").
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch.utils.data import Dataset
 
 from .backbones import Backbone
 from .model import TaskModel
+from .prompts import xavier_norm
 
 BATCH = 64  # images per forward pass while collecting tokens
 
@@ -24,13 +31,15 @@ def init_from_tokens(model: TaskModel, images: Dataset, seed: int = 0) -> None:
     """Set ``model``'s prompts to patch tokens its prompted blocks receive on ``images`` (SPT's initialisation).
 
     Args:
-        model: a prompted model whose ``PromptConfig.init`` is ``"tokens"``.
+        model: a prompted model whose ``PromptConfig.init`` is ``"tokens"`` or ``"scaled-tokens"``.
         images: the training images (a dataset of ``(uint8 image, label)``; its eval views are used, never crops).
         seed: seeds which tokens are drawn: the same seed and images give the same prompts.
     """
     prompts = model.prompts
-    if prompts is None or prompts.config.init != "tokens":
-        raise ValueError("init_from_tokens needs a prompted model built with PromptConfig(init='tokens')")
+    if prompts is None or not prompts.config.from_tokens:
+        raise ValueError(
+            "init_from_tokens needs a prompted model built with PromptConfig(init='tokens') or init='scaled-tokens'"
+        )
     if len(images) == 0:
         raise ValueError("init_from_tokens: the training split is empty")
     backbone, num_tokens = model.backbone, prompts.config.num_tokens
@@ -49,7 +58,12 @@ def init_from_tokens(model: TaskModel, images: Dataset, seed: int = 0) -> None:
                 if image in row:
                     chosen[layer][k] = tokens[row[image], patch]
     for index, layer in enumerate(layers):
-        _write(prompts, index, torch.stack(chosen[layer]))  # type: ignore[arg-type]
+        tokens = torch.stack(chosen[layer])  # type: ignore[arg-type]
+        if prompts.config.init == "scaled-tokens":
+            width = prompts.widths[index]
+            norm = xavier_norm(backbone.patch_size, backbone.block_width(0), width)  # the bound _draw uses
+            tokens = tokens * (norm / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        _write(prompts, index, tokens)
     prompts.tokens_pending = False
 
 
@@ -67,8 +81,8 @@ def block_inputs(backbone: Backbone, pixel_values: torch.Tensor, layers: Sequenc
 def _draw(images: int, per_image: int, count: int, generator: torch.Generator) -> torch.Tensor:
     if images * per_image < count:
         raise ValueError(
-            f"init 'tokens' draws {count} prompts from {images} training images x {per_image} patch tokens: too "
-            "few tokens; use fewer prompt tokens or more images"
+            f"init 'tokens' and 'scaled-tokens' draw {count} prompts from {images} training images x {per_image} "
+            "patch tokens: too few tokens; use fewer prompt tokens or more images"
         )
     return torch.randperm(images * per_image, generator=generator)[:count]
 

@@ -68,19 +68,25 @@ DESIGNS = {
     "kv": ({"kv_tokens": 5}, "key-value prompts (E2VPT): 5 keys and 5 values per block"),
     "fourier": ({"fourier": 0.5}, "Fourier prompts (VFPT): half of each block's prompts through Re(FFT2)"),
     "tokens": ({"init": "tokens"}, "prompts that start as patch tokens of the training images (SPT)"),
+    "scaled-tokens": (
+        {"init": "scaled-tokens"},
+        "prompts that start as patch tokens of the training images, each at a Xavier prompt's norm",
+    ),
 }
 
 
 def _register_designs() -> None:
     for size in range(1, len(DESIGNS) + 1):
         for names in itertools.combinations(DESIGNS, size):
+            if {"tokens", "scaled-tokens"} <= set(names):  # two starts for the same prompts
+                continue
             prompt = dict(DEEP_PROMPT)
             for name in names:
                 prompt.update(DESIGNS[name][0])
             summary = "VPT-Deep with " + "; ".join(DESIGNS[name][1] for name in names)
             register(
                 "vpt-deep+" + "+".join(names), summary, prompt=prompt, servable=True,
-                batchable="tokens" not in names,  # token prototypes are drawn when each run's training starts
+                batchable=not {"tokens", "scaled-tokens"} & set(names),  # token prompts: drawn as each run starts
             )(_vpt_deep)  # fmt: skip
 
 
