@@ -292,8 +292,9 @@ def test_scaled_token_designs_compose_with_the_others_but_not_with_tokens() -> N
         PromptConfig(init="scaled-tokens", location="add")
 
 
-def test_loaded_token_prompts_are_not_drawn_again(tmp_path) -> None:
-    model = make("vpt-deep+tokens", "dinov2")
+@pytest.mark.parametrize("method", ["vpt-deep+tokens", "vpt-deep+scaled-tokens"])
+def test_loaded_token_prompts_are_not_drawn_again(tmp_path, method: str) -> None:
+    model = make(method, "dinov2")
     init_from_tokens(model, tiny_dataset(6), seed=0)
     vptune.save_task(model, tmp_path / "task")
     loaded = vptune.load_task(tmp_path / "task", backbone=model.backbone)
@@ -344,19 +345,20 @@ def test_multitask_serves_key_value_and_fourier_tasks_in_one_batch() -> None:
             torch.testing.assert_close(out[row], tasks[task_id](x[row : row + 1])[0], rtol=1e-5, atol=1e-5)
 
 
-def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone) -> None:
+@pytest.mark.parametrize("init", ["tokens", "scaled-tokens"])
+def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone, init: str) -> None:
     from vptune.cli import main
 
     out = tmp_path / "run"
     code = main([
         "train", "--data", str(tiny_task), "--method", "vpt-deep", "--backbone", saved_backbone, "--image-size", "16",
-        "--epochs", "1", "--batch-size", "8", "--init", "tokens", "--kv-tokens", "2", "--fourier", "0.5",
+        "--epochs", "1", "--batch-size", "8", "--init", init, "--kv-tokens", "2", "--fourier", "0.5",
         "--num-tokens", "4", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
     record = json.loads((out / "vptune.json").read_text())
     assert {k: record["prompt"][k] for k in ("init", "kv_tokens", "fourier")} == {
-        "init": "tokens", "kv_tokens": 2, "fourier": 0.5,
+        "init": init, "kv_tokens": 2, "fourier": 0.5,
     }  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["prompt"]["kv_tokens"] == 2
