@@ -145,6 +145,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+MARKERS = "os^Dv<>P*X"  # the trade-off plot's, one per method in turn
+
+
 def plot(summary: dict, out: Path) -> list[Path]:
     """``accuracy.png`` (per task, per method) and ``tradeoff.png`` (mean accuracy vs trainable fraction, log x)."""
     try:
@@ -167,9 +170,10 @@ def plot(summary: dict, out: Path) -> list[Path]:
     figure.savefig(out / "accuracy.png", dpi=120)
     plt.close(figure)
     figure, axes = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        axes.scatter(row["trainable %"], row["mean"])
-        axes.annotate(row["method"], (row["trainable %"], row["mean"]), fontsize="small")
+    for i, row in enumerate(rows):  # a legend, not labels by the points: close points' labels overlap
+        label = f"{row['method']} ({row['mean']:.1f})"
+        axes.scatter(row["trainable %"], row["mean"], marker=MARKERS[i % len(MARKERS)], label=label)
+    axes.legend(fontsize="small", loc="best")
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters (% of backbone, log scale)")
     axes.set_ylabel("mean test accuracy (%)")
