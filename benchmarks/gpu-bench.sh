@@ -13,7 +13,7 @@
 #        the bench, where timm imports)
 #   the data and weights travel in parts of at most 64 MiB (the weights split with `split -b`): see docs/benchmarks.md
 #   the designs of issue 19 (about 315 runs; 180 took under 4 min 45 s on an H200 with SPLIT=1):
-#   SPLIT=2 METHODS=vpt-deep+kv,vpt-deep+fourier,vpt-deep+tokens,vpt-deep+kv+fourier+tokens,vpt-deep+kv+fourier,\
+#   SPLIT=2 METHODS=vpt-deep+kv,vpt-deep+fourier,vpt-deep+tokens,vpt-deep+scaled-tokens,vpt-deep+kv+fourier+tokens,vpt-deep+kv+fourier,\
 #     vpt-deep+kv+tokens,vpt-deep+fourier+tokens benchmarks/gpu-bench.sh OUT
 #   a dry run on a CPU:
 #   PYTHON=.venv/bin/python VPTUNE_DATA=../shared/data BUDGET=smoke SEEDS=1 TASKS=retinamnist TIMM=0 \
