@@ -8,7 +8,7 @@ import itertools
 from ..backbones import ConvBackbone
 from ..convnet import conv_prompt
 from ..model import TaskModel
-from ..prompts import PromptConfig
+from ..prompts import TOKEN_INITS, PromptConfig
 from .registry import BuildContext, register
 
 # The released configs: prompt dropout 0.1 for deep prompts, none for shallow ones.
@@ -78,7 +78,8 @@ DESIGNS = {
 def _register_designs() -> None:
     for size in range(1, len(DESIGNS) + 1):
         for names in itertools.combinations(DESIGNS, size):
-            if {"tokens", "scaled-tokens"} <= set(names):  # two starts for the same prompts
+            options = [key for name in names for key in DESIGNS[name][0]]
+            if len(set(options)) < len(options):  # two designs set one option (tokens, scaled-tokens: init)
                 continue
             prompt = dict(DEEP_PROMPT)
             for name in names:
@@ -86,7 +87,7 @@ def _register_designs() -> None:
             summary = "VPT-Deep with " + "; ".join(DESIGNS[name][1] for name in names)
             register(
                 "vpt-deep+" + "+".join(names), summary, prompt=prompt, servable=True,
-                batchable=not {"tokens", "scaled-tokens"} & set(names),  # token prompts: drawn as each run starts
+                batchable=prompt.get("init") not in TOKEN_INITS,  # token prompts are drawn as each run starts
             )(_vpt_deep)  # fmt: skip
 
 
