@@ -8,7 +8,7 @@
 #   benchmarks/gpu-bench.sh OUT                     # from the repository root, with the data and weights in place
 #   tar xzf OUT/results.tgz -C "$RESULTS" --strip-components=2 --wildcards './*/*/*/runs/*.json'   # then commit
 #   env: BUDGET (cpu), METHODS (linear,vpt-shallow,vpt-deep,full), SEEDS (3), TASKS (the 9-task suite),
-#        RESULTS (benchmarks/results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480),
+#        RESULTS (results/bench-gpu-cpu3), PYTHON (python3), LIMIT (seconds per task process, 480),
 #        SPLIT (1: processes per task, its methods dealt round robin), TIMM (1: also run tests/test_timm.py beside
 #        the bench, where timm imports)
 #   the data and weights travel in parts of at most 64 MiB (the weights split with `split -b`): see docs/benchmarks.md
@@ -22,7 +22,7 @@ set -uo pipefail
 out=${1:?usage: benchmarks/gpu-bench.sh OUT}
 budget=${BUDGET:-cpu} methods=${METHODS:-linear,vpt-shallow,vpt-deep,full} seeds=${SEEDS:-3}
 tasks=${TASKS:-caltech101,cifar10,signdigits,flowers12,eurosat,retinamnist,dsprites_loc,dsprites_ori,coil20_pose}
-results=${RESULTS:-benchmarks/results/bench-gpu-cpu3} limit=${LIMIT:-480}
+results=${RESULTS:-results/bench-gpu-cpu3} limit=${LIMIT:-480}
 work=${WORK:-/tmp/vptune-bench} py=${PYTHON:-python3}
 mkdir -p "$out" "$work/logs"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
