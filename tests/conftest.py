@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +80,32 @@ def tiny_backbone(family: str, seed: int = 0) -> vptune.Backbone:
 
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
+    """The Transformer families whose blocks run on a flat token sequence, at the sizes above."""
     return request.param
+
+
+# The tiny cases of every registered family (tests/test_families.py runs the checks of the one protocol on each):
+# family -> its variants; a variant is built by ``family_backbone``. A family registered without one fails there.
+FAMILY_VARIANTS = {"dinov2": ("dinov2", "dinov2-registers")}
+
+
+def family_backbone(variant: str, seed: int = 0) -> vptune.Backbone:
+    """A tiny random backbone of a registered family's variant (16x16 input, random biases and statistics)."""
+    import test_convnets
+    import test_swin
+    import test_timm_fake
+
+    builders = {
+        "swin": test_swin.swin_backbone,
+        "convnext": lambda seed: test_convnets.conv_backbone("convnext", seed),
+        "resnet": lambda seed: test_convnets.conv_backbone("resnet", seed),
+        "timm-vit": lambda seed: test_timm_fake.fake_backbone("vit_fake_reg", seed),
+    }
+    if variant in FAMILIES:
+        return tiny_backbone(variant, seed)
+    if variant not in builders:
+        raise LookupError(f"no tiny case for family {variant!r}: add one to family_backbone in tests/conftest.py")
+    return builders[variant](seed)
 
 
 @pytest.fixture
@@ -164,13 +188,3 @@ def needs_real(*tasks: str, backbone: str = "dinov2-small") -> pytest.MarkDecora
         places = ", ".join(str(root / SHORT_NAMES[backbone][0]) for root in weight_roots())
         missing.append(f"the {backbone} weights (looked in {places})")
     return pytest.mark.skipif(bool(missing), reason="needs " + "; ".join(missing))
-
-
-def benchmark_script(name: str, monkeypatch: pytest.MonkeyPatch) -> object:
-    """A script of benchmarks/ imported as a module (that folder on sys.path, as when the script runs)."""
-    folder = Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -40,6 +40,27 @@ BUGS = {
     "evaluate leaves the model where it is": (
         "engine.py", "    model.to(device)\n    return _evaluate(", "    return _evaluate(", ["tests/test_multitask.py"]
     ),
+    # the four of "One way in" (issue 31): each passed the whole suite of commit 6b76526
+    "fingerprint hashes parameters, not buffers": (
+        "backbones/base.py",
+        "for name, tensor in sorted(self.model.state_dict().items()):",
+        "for name, tensor in sorted(self.model.named_parameters()):",
+        ["tests/test_families.py", "tests/test_convnets.py"],
+    ),
+    "no check of the trained tensors after the update": (
+        "loop.py", "for k in [k for k in trainee.live if k in where and not math.isfinite(",
+        "for k in [k for k in trainee.live if False and not math.isfinite(", ["tests/test_engine.py"],
+    ),
+    "a ConvNet border not normalised": (
+        "prompts/pixels.py", "    return (values - mean_t) / std_t\n", "    return values\n", ["tests/test_convnets.py"]
+    ),
+    "load_task ignores the task file's mean and std": (
+        "taskfile.py",
+        'preprocessing=Preprocessing.from_record(record["preprocessing"]),',
+        'preprocessing=Preprocessing(record["preprocessing"]["image_size"], backbone.mean, backbone.std, '
+        'record["preprocessing"].get("protocol", "vtab")),',
+        ["tests/test_taskfile.py"],
+    ),
     "MultiTask's task ids on the images' device": (
         "multitask.py",
         "ids = torch.as_tensor(task_ids, dtype=torch.long).cpu().reshape(-1)",

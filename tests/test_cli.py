@@ -171,9 +171,9 @@ def test_demo_trains_each_method_and_prints_one_table(tmp_path, saved_backbone, 
 
 
 def test_interrupted_run_keeps_its_last_finished_epoch_apart(tmp_path, saved_backbone, tiny_task, monkeypatch):
-    import vptune.engine
+    import vptune.loop
 
-    real_epoch, calls = vptune.engine._train_epoch, []
+    real_epoch, calls = vptune.loop.train_epoch, []
 
     def interrupt_second_epoch(*args, **kwargs):
         calls.append(1)
@@ -181,7 +181,7 @@ def test_interrupted_run_keeps_its_last_finished_epoch_apart(tmp_path, saved_bac
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(vptune.engine, "_train_epoch", interrupt_second_epoch)
+    monkeypatch.setattr(vptune.loop, "train_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, saved_backbone, tiny_task, "--method", "vpt-shallow", "--epochs", "3")
     out, partial = tmp_path / "run", tmp_path / "run.partial"
@@ -280,7 +280,7 @@ def test_one_vocabulary_with_the_old_spellings_kept(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--optimizer", "adam"], "unknown optimizer 'adam'; choose one of auto, sgd, adamw"),
+        (["--optimizer", "adam"], "unknown optimizer 'adam'; choose one of sgd, adamw"),
         (["--precision", "fp16"], "unknown precision 'fp16'; choose one of auto, bf16, fp32"),
         (["--cache", "on"], "unknown cache 'on'; choose one of auto, off"),
         (["--val-split", "dev"], "unknown val_split 'dev'; choose one of train, val, trainval, test"),
@@ -296,7 +296,7 @@ def test_bad_options_are_errors_naming_the_choices(tmp_path, saved_backbone, tin
 
 
 def test_configs_refuse_wrong_types_and_choices():
-    with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of auto, sgd, adamw"):
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of sgd, adamw"):
         vptune.TrainConfig(optimizer="adam")
     with pytest.raises(ValueError, match="epochs must be int"):
         vptune.TrainConfig(epochs="3")

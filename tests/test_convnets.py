@@ -17,10 +17,10 @@ import vptune
 from vptune import PromptConfig, TaskFileError
 from vptune.batched import fit_batched
 from vptune.cli import main
-from vptune.convnet import BorderPrompts, normalized
 from vptune.engine import Splits
 from vptune.perf import main as perf_main
-from vptune.preprocessing import normalize
+from vptune.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize
+from vptune.prompts import BorderPrompts
 
 CONV_FAMILIES = ("convnext", "resnet")
 SIZE, TOKENS, CLASSES = 16, 2, 3
@@ -109,11 +109,23 @@ def test_loads_from_a_folder_and_pools_as_transformers_does(conv_family: str, tm
     model = tiny_conv_model(conv_family)
     model.save_pretrained(tmp_path)
     backbone = vptune.load_backbone(f"hf:{tmp_path}")
-    assert backbone.family == conv_family and not backbone.has_tokens and backbone.depth == 2 and backbone.width == 16
+    assert backbone.family == conv_family and not backbone.capabilities and backbone.depth == 2 and backbone.width == 16
     assert backbone.fingerprint() == vptune.wrap_model(model).fingerprint()
     x = pixels()
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), model(x).pooler_output.flatten(1), atol=1e-6, rtol=0)
+
+
+def test_two_resnets_that_differ_only_in_a_batch_norms_statistics_have_two_fingerprints(tmp_path) -> None:
+    ours, theirs = conv_backbone("resnet"), conv_backbone("resnet")
+    norm = next(module for module in theirs.modules() if isinstance(module, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        norm.running_mean[0] += 1e-3  # a buffer: no parameter differs
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
+    assert ours.fingerprint() != theirs.fingerprint()
+    vptune.save_task(make("vpt-shallow", ours), tmp_path)
+    with pytest.raises(TaskFileError, match="fingerprint"):
+        vptune.load_task(tmp_path, backbone=theirs)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -193,12 +205,14 @@ def test_the_border_holds_12p_s_plus_p_pixels_around_the_unchanged_image(conv_fa
     # the border: the stored pixels (0..1 scale) normalised as the images are, the same for every sample
     values = model.prompts.embeddings.detach()[0]
     split = 3 * 2 * p * (s + 2 * p)
-    top_bottom = normalized(values[:split].view(1, 3, 2 * p, s + 2 * p), model.preprocessing)[0]
-    left_right = normalized(values[split:].view(1, 3, s, 2 * p), model.preprocessing)[0]
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+    top_bottom = (values[:split].view(3, 2 * p, s + 2 * p) - mean) / std
+    left_right = (values[split:].view(3, s, 2 * p) - mean) / std
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # noqa: E731
     for sample in padded:
-        assert torch.equal(sample[:, :p], top_bottom[:, :p]) and torch.equal(sample[:, p + s :], top_bottom[:, p:])
-        assert torch.equal(sample[:, p : p + s, :p], left_right[..., :p])
-        assert torch.equal(sample[:, p : p + s, p + s :], left_right[..., p:])
+        close(sample[:, :p], top_bottom[:, :p]) and close(sample[:, p + s :], top_bottom[:, p:])
+        close(sample[:, p : p + s, :p], left_right[..., :p])
+        close(sample[:, p : p + s, p + s :], left_right[..., p:])
     with torch.no_grad():  # logits = head(backbone(padded image))
         torch.testing.assert_close(logits, model.head(backbone(padded)), atol=1e-6, rtol=0)
     assert 0.0 <= values.min() and values.max() <= 1.0  # the released code's start: uniform 0..1 pixels
@@ -227,6 +241,9 @@ def test_below_widens_the_first_convolution(conv_family: str) -> None:
     with torch.no_grad():
         model(x)
     assert seen[0].shape == (2, 3 + TOKENS, SIZE, SIZE) and torch.equal(seen[0][:, :3], x)
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3  # the released code's: one value for every channel
+    expected = (model.prompts.embeddings.detach() - mean) / std
+    torch.testing.assert_close(seen[0][:, 3:], expected.expand(2, -1, -1, -1), atol=1e-6, rtol=0)
     assert model.backbone.tuned_parameters == wide.weight.numel() + (wide.bias.numel() if wide.bias is not None else 0)
 
 

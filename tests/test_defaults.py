@@ -1,5 +1,5 @@
-"""The documented defaults, pinned: what the code uses, what the paper's protocol says (VPT.md), and what the README
-states agree, and training really runs with them."""
+"""The documented defaults, pinned: what the code uses, what the paper's protocol says (its Sec. 4.1), and what the
+README states agree, and training really runs with them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import IMAGE, tiny_backbone, tiny_dataset
 
 import vptune
-import vptune.engine
+import vptune.loop
 from vptune import PromptConfig, TrainConfig
 from vptune.engine import Splits, make_optimizer
 from vptune.methods import ADAMW_LR_GRID, METHODS, SGD_LR_GRID, WD_GRID
@@ -42,12 +42,12 @@ def test_the_readme_states_the_codes_defaults() -> None:
     short = TrainConfig(epochs=int(readme["short_epochs"]))
     assert config.warmup_epochs is None and short.warmup == readme["short_warmup"]
     assert readme["batch"] == 64 and config.weight_decay == readme["weight_decay"] == 1e-4
-    assert config.momentum == readme["momentum"] == 0.9 and config.optimizer == "auto"
+    assert config.momentum == readme["momentum"] == 0.9 and config.optimizer is None
     assert (config.cache, config.precision, config.seed) == ("auto", "auto", 0)
     deep, shallow = METHODS["vpt-deep"].prompt_config(), METHODS["vpt-shallow"].prompt_config()
     assert deep.num_tokens == shallow.num_tokens == readme["tokens"] == 10
     assert (deep.dropout, shallow.dropout) == (readme["deep_dropout"], readme["shallow_dropout"]) == (0.1, 0.0)
-    assert (deep.init, deep.location, deep.readout, deep.project) == ("xavier", "prepend", None, 0)  # None: family's
+    assert (deep.init, deep.location, deep.readout, deep.project) == ("xavier", None, None, 0)  # None: family's
     assert "default `cls`, on MAE `all`" in README
     assert readme["sgd_lr"] == 0.1 and readme["adamw_lr"] == 0.0005 and readme["epochs"] == 100
 
@@ -71,7 +71,7 @@ def test_the_papers_grids() -> None:
 def test_fit_trains_with_the_defaults(monkeypatch, name: str, kind: type) -> None:
     """What fit builds from a config that sets nothing but the run's length: the documented optimiser."""
     made = []
-    monkeypatch.setattr(vptune.engine, "make_optimizer", lambda *args: made.append(make_optimizer(*args)) or made[-1])
+    monkeypatch.setattr(vptune.loop, "make_optimizer", lambda *args: made.append(make_optimizer(*args)) or made[-1])
     prompt = PromptConfig(num_tokens=2) if name == "vpt-deep" else None
     model = vptune.build(name, tiny_backbone("vit"), 3, prompt, IMAGE)
     vptune.fit(model, Splits(tiny_dataset(8)), TrainConfig(epochs=1, warmup_epochs=0, progress=False))

@@ -8,17 +8,20 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, IMAGE, ImageSet, benchmark_script, pixels, tiny_backbone, tiny_dataset
+from conftest import FAMILIES, IMAGE, ImageSet, pixels, tiny_backbone, tiny_dataset
 from test_swin import pixels as swin_pixels
 from test_swin import swin_backbone
 
 import vptune
 from vptune import PromptConfig, Splits, TrainConfig
 from vptune.backbones.swin import prompted_block
+from vptune.batched import why_not_batched
 from vptune.engine import prepare
+from vptune.methods import ALIASES, get_method
 from vptune.methods.vpt import DEEP_PROMPT
 from vptune.prompts import fourier, xavier_bound, xavier_norm
 from vptune.prototypes import block_inputs, init_from_tokens
+from vptune.tools import prompt_motion, scaled_start
 
 DESIGNS = ("vpt-deep+kv", "vpt-deep+fourier", "vpt-deep+tokens", "vpt-deep+scaled-tokens", "vpt-deep+kv+fourier+tokens")
 TRAINS = {
@@ -40,7 +43,7 @@ def inputs(family: str, batch: int = 4) -> torch.Tensor:
 
 def make(method: str, family: str, seed: int = 0, **prompt) -> vptune.TaskModel:
     backbone = backbone_of(family)
-    config = PromptConfig(**{**vptune.METHODS[method].prompt, **prompt}) if prompt else None
+    config = PromptConfig(**{**get_method(method)[0].prompt, **prompt}) if prompt else None
     return vptune.build(method, backbone, 3, prompt=config, image_size=backbone.image_size, seed=seed)
 
 
@@ -67,7 +70,7 @@ def test_only_the_designs_tensors_train(family: str, method: str) -> None:
 def test_deep_prompts_reach_the_model_through_their_blocks_norm_alone(family: str) -> None:
     """VPT-Deep's prompts enter each block through its first norm and are replaced after it, so with a read-out that
     does not read them (``cls``) scaling any prompt token by a positive factor leaves the logits as they are, up to
-    the norm's eps: a token's norm sets only how far a step turns it (benchmarks/prompt_motion.py measures that).
+    the norm's eps: a token's norm sets only how far a step turns it (vptune.tools.prompt_motion measures that).
     VPT-Shallow's prompt outputs flow on through the residual: not so there."""
     x = inputs(family)
     factors = torch.linspace(0.5, 5.0, 10).view(1, 1, 10, 1)  # one factor per token, every block
@@ -283,11 +286,11 @@ def test_xavier_norm_is_the_norm_xavier_prompts_have() -> None:
 
 
 def test_scaled_token_designs_compose_with_the_others_but_not_with_tokens() -> None:
-    names = vptune.METHODS
+    names = ALIASES
     assert {"vpt-deep+scaled-tokens", "vpt-deep+kv+scaled-tokens", "vpt-deep+kv+fourier+scaled-tokens"} <= set(names)
     assert not [name for name in names if "+tokens" in name and "scaled-tokens" in name]
-    assert names["vpt-deep+kv+scaled-tokens"].prompt["init"] == "scaled-tokens"
-    assert not names["vpt-deep+scaled-tokens"].batchable
+    assert get_method("vpt-deep+kv+scaled-tokens")[0].prompt["init"] == "scaled-tokens"
+    assert why_not_batched("vpt-deep", get_method("vpt-deep+scaled-tokens")[0].prompt_config())
     with pytest.raises(ValueError, match="scaled-tokens"):
         PromptConfig(init="scaled-tokens", location="add")
 
@@ -310,7 +313,27 @@ def test_batched_training_refuses_token_prompts_not_yet_drawn() -> None:
     models = [vptune.build("vpt-deep", backbone, 3, prompt=prompt, image_size=IMAGE, seed=s) for s in (0, 1)]
     with pytest.raises(ValueError, match="one at a time"):
         fit_batched(models, Splits(tiny_dataset(8)), [TrainConfig(epochs=1, batch_size=4)] * 2)
-    assert not vptune.METHODS["vpt-deep+tokens"].batchable and vptune.METHODS["vpt-deep+kv"].batchable
+    assert why_not_batched("vpt-deep", get_method("vpt-deep+tokens")[0].prompt_config())
+    assert why_not_batched("vpt-deep", get_method("vpt-deep+kv")[0].prompt_config()) is None
+
+
+# --- designs are prompt options; their recipes are aliases ---------------------------------------------------------
+@pytest.mark.parametrize("recipe", sorted(ALIASES))
+def test_a_recipe_builds_and_records_what_its_options_build(recipe: str) -> None:
+    backbone = tiny_backbone("dinov2")
+    options = get_method(recipe)[0].prompt
+    by_name = vptune.build(recipe, backbone, 3, image_size=IMAGE, seed=1)
+    by_options = vptune.build("vpt-deep", backbone, 3, PromptConfig(**options), IMAGE, seed=1)
+    assert by_name.method == by_options.method == "vpt-deep" and by_name.prompt_config == by_options.prompt_config
+    assert all(torch.equal(by_name.state_dict()[k], t) for k, t in by_options.state_dict().items())
+    assert recipe not in vptune.method_names()  # a recipe is not a method
+
+
+def test_a_recipe_in_a_run_spec_is_recorded_as_its_method_and_options() -> None:
+    spec = vptune.RunSpec("eurosat", "vpt-deep+kv+fourier")
+    assert spec.method == "vpt-deep" and (spec.prompt.kv_tokens, spec.prompt.fourier) == (5, 0.5)
+    flags = vptune.RunSpec.from_layers({"data": "eurosat", "prompt": {"kv_tokens": 5, "fourier": 0.5}})
+    assert flags.to_dict() == spec.to_dict()
 
 
 # --- saved, reloaded and served -----------------------------------------------------------------------------------
@@ -364,16 +387,31 @@ def test_the_cli_trains_with_token_prompts(tmp_path, tiny_task, saved_backbone, 
     assert config["prompt"]["kv_tokens"] == 2
 
 
+def test_the_cli_trains_a_recipe_as_its_method_and_options(tmp_path, tiny_task, saved_backbone, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    from vptune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "--data", str(tiny_task), "--backbone", saved_backbone, "--image-size", "16", "--epochs", "1"]
+    common += ["--batch-size", "8", "--num-tokens", "2", "--no-progress"]
+    assert main([*common, "--method", "vpt-deep+kv+fourier"]) == 0
+    assert main([*common, "--method", "vpt-deep", "--kv-tokens", "5", "--fourier", "0.5", "--out", "options"]) == 0
+    recipe = tmp_path / "runs" / f"{tiny_task.name}-vpt-deep+kv+fourier"  # the default folder names what was asked
+    records = [json.loads((folder / "vptune.json").read_text()) for folder in (recipe, tmp_path / "options")]
+    assert records[0]["method"] == records[1]["method"] == "vpt-deep" and records[0]["prompt"] == records[1]["prompt"]
+    assert json.loads((recipe / "config.json").read_text())["method"] == "vpt-deep"
+    ours, theirs = (load_file(folder / "weights.safetensors") for folder in (recipe, tmp_path / "options"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.parametrize("init", ["tokens", "xavier"])
-def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(
-    tmp_path, tiny_task, saved_backbone, init, monkeypatch
-) -> None:
-    """benchmarks/prompt_motion.py compares a run's trained prompts with the ones it started from, rebuilt from its
+def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(tmp_path, tiny_task, saved_backbone, init) -> None:
+    """vptune.tools.prompt_motion compares a run's trained prompts with the ones it started from, rebuilt from its
     config.json: after a step of lr 1e-9 they are the same (cosine 1, equal norms), after training at lr 50 they
     are not."""
     from vptune.cli import main
 
-    prompt_motion = benchmark_script("prompt_motion", monkeypatch)
     cosines = {}
     for lr, epochs in ((1e-9, 1), (50.0, 3)):
         out = tmp_path / f"run-{lr}"
@@ -392,15 +430,12 @@ def test_prompt_motion_rebuilds_the_prompts_a_run_started_from(
 
 
 @pytest.mark.parametrize("init", ["tokens", "xavier"])
-def test_scaled_start_at_scale_one_trains_the_recorded_run_again(
-    tmp_path, tiny_task, saved_backbone, init, monkeypatch
-) -> None:
-    """benchmarks/scaled_start.py retrains a run from its own config with the starting prompts scaled: at scale 1
+def test_scaled_start_at_scale_one_trains_the_recorded_run_again(tmp_path, tiny_task, saved_backbone, init) -> None:
+    """vptune.tools.scaled_start retrains a run from its own config with the starting prompts scaled: at scale 1
     it gives the run's recorded accuracies exactly, at another scale or a set norm other ones; a scale of 0 is
     refused; ``norm`` sets every token's norm and keeps its direction."""
     from vptune.cli import main
 
-    scaled_start = benchmark_script("scaled_start", monkeypatch)
     out = tmp_path / "run"
     code = main([
         "train", "--data", str(tiny_task), "--method", "vpt-deep", "--backbone", saved_backbone, "--init", init,

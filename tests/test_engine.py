@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -184,6 +185,18 @@ def test_nan_loss_raises_with_epoch_step_and_lr(tmp_path: Path, backbone: vptune
     assert f"lr {lr_at(2, 6, 2, config.lr):.4g}" in message
     lines = (tmp_path / METRICS).read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_an_update_that_makes_the_tensors_non_finite_stops_the_run_at_that_step(backbone, epochs: int) -> None:
+    """The loss and the gradient of the first step are finite; the update is not (an lr of 3.4e38, the largest a
+    float32 holds, and a weight decay of 1000): the check after the optimiser step stops the run there, on its last
+    step too (nothing else would: no val or test split)."""
+    model = model_for(backbone, "linear")
+    config = settings(epochs=epochs, warmup_epochs=0, base_lr=3.4e38 * 256 / 4, weight_decay=1e3, momentum=0.0)
+    config = dataclasses.replace(config, val_split=None, test_split=None)
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step 1 \(lr .*\): the update made the trained tensors"):
+        vptune.fit(model, Splits(tiny_dataset(4)), dataclasses.replace(config, batch_size=4))
 
 
 def test_exploding_lr_raises(tmp_path: Path, backbone: vptune.Backbone) -> None:

@@ -1,6 +1,7 @@
-"""The released code's details (VPT.md, "The released code's details"), each pinned by a test that fails against the
-behaviour vptune had before: per-sample prompt dropout, the MLP-k head, the adapter's GELU, weight decay spared on the
-head's bias, the head's initialisation, concat-channel prompts, full fine-tuning's dropout, the ``all`` read-out."""
+"""The released code's details (docs/fidelity.md, "Matched to the released code"), each pinned by a test that fails
+against the behaviour vptune had before: per-sample prompt dropout, the MLP-k head, the adapter's GELU, weight decay
+spared on the head's bias, the head's initialisation, concat-channel prompts, full fine-tuning's dropout, the ``all``
+read-out."""
 
 from __future__ import annotations
 

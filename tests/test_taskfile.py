@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import IMAGE, WIDTH, pixels, tiny_backbone, tiny_hf_model
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -82,6 +83,24 @@ def test_folder_holds_only_what_trained(tmp_path: Path, backbone: vptune.Backbon
     assert record["prompt"]["project"] == 8 and record["prompt"]["deep"] is True
     preprocessing = {key: record["preprocessing"][key] for key in ("image_size", "mean", "std")}
     assert preprocessing == {"image_size": IMAGE, "mean": list(backbone.mean), "std": list(backbone.std)}
+
+
+@pytest.mark.parametrize("protocol", ["vtab", "fgvc"])
+def test_a_task_normalised_its_own_way_reloads_with_its_own_normalisation(tmp_path: Path, protocol: str) -> None:
+    """A task whose preprocessing is not its backbone's (its own mean and std, another protocol) is rebuilt with the
+    preprocessing its file records: the same tensors into the network for the same image, the same logits."""
+    backbone = tiny_backbone("dinov2")
+    own = vptune.Preprocessing(IMAGE, mean=(0.1, 0.2, 0.3), std=(0.9, 0.8, 0.7), protocol=protocol)
+    assert (own.mean, own.std) != (backbone.mean, backbone.std)
+    model = vptune.build("vpt-deep", backbone, 3, PromptConfig(num_tokens=2), preprocessing=own, seed=2)
+    vptune.save_task(model.eval(), tmp_path)
+    loaded = vptune.load_task(tmp_path, backbone=backbone)
+    assert loaded.preprocessing == own
+    image = tmp_path / "image.png"
+    Image.fromarray(torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8).numpy()).save(image)
+    with torch.no_grad():
+        ours, theirs = loaded(loaded.preprocessing(image)[None]), model(own(image)[None])
+    assert torch.equal(ours, theirs)
 
 
 def test_save_overwrites_and_default_class_names(tmp_path: Path, backbone: vptune.Backbone) -> None:

@@ -16,7 +16,8 @@ One training job from a spec (what ``vptune train`` runs)::
 from ._version import __version__
 from .backbones import Backbone, load_backbone, register_family, wrap_model
 from .data import open_task
-from .engine import Splits, TrainConfig, TrainingDiverged, evaluate, fit
+from .engine import Splits, TrainConfig, TrainingDiverged, evaluate
+from .loop import fit
 from .methods import METHODS, BuildContext, Method, build, method_names, register
 from .model import TaskModel
 from .multitask import MultiTask

@@ -18,7 +18,7 @@ from . import commands
 from ._version import __version__
 from .engine import TrainConfig
 from .head import HEAD_INITS, HEAD_NORMS
-from .methods import METHODS, get_method, method_names
+from .methods import ALIASES, METHODS, get_method, method_names
 from .prompts import PromptConfig
 from .serve import ServeConfig
 from .sweep import BACKENDS, BUDGETS
@@ -67,7 +67,7 @@ def _train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (default: runs/<data>-<method>)")
     run = parser.add_argument_group("run")
     run.add_argument("--data", action=_Into, help="task name under $VPTUNE_DATA (default ../shared/data) or folder")
-    run.add_argument("--method", action=_Into, type=_method, help=f"{', '.join(method_names())} (default: vpt-deep)")
+    run.add_argument("--method", action=_Into, type=_method, help=_method_help())
     run.add_argument("--backbone", action=_Into, help="dinov2-small, hf:<hub id>, hf:<folder> (default: dinov2-small)")
     run.add_argument("--image-size", action=_Into, type=int, help="square input side (default: the backbone's)")
     run.add_argument(
@@ -121,11 +121,50 @@ def _store(namespace: argparse.Namespace, section: str | None, name: str, value)
     target[name] = value
 
 
+def _method_help() -> str:
+    example = next(iter(sorted(ALIASES, key=len, reverse=True)), None)
+    recipes = ""
+    if example is not None:
+        options = ALIASES[example][1]
+        flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in options.items())
+        recipes = f"; or a named recipe of its prompt options, e.g. {example} (= {ALIASES[example][0]} {flags})"
+    return f"{', '.join(method_names())} (default: vpt-deep){recipes}"
+
+
+# TrainConfig fields whose unset value is a Method's attribute of the same name
+METHOD_TRAIN_DEFAULTS = ("base_lr",)
+
+
+def _default_text(section: str, field: dataclasses.Field) -> str:
+    """How --help states a field's default: its value, the methods' where they differ, or what resolves it."""
+    by_method = _methods_values(section, field)
+    if len(by_method) > 1:
+        groups = sorted(by_method.items(), key=lambda item: len(item[1]))
+        parts = [f"{value} for {', '.join(names)}" for value, names in groups[:-1]]
+        return "the method's: " + "; ".join([*parts, f"{groups[-1][0]} for the others"])
+    return field.metadata.get("shown") or str(field.default)
+
+
+def _methods_values(section: str, field: dataclasses.Field) -> dict:
+    """Each default value of ``field`` among the registered methods that set it, with the methods that have it."""
+    values: dict = {}
+    for method in METHODS.values():
+        if section == "prompt" and method.prompted:
+            forced = method.deep if field.name == "deep" else None
+            value = forced if forced is not None else method.prompt.get(field.name, field.default)
+        elif section == "train" and field.name in METHOD_TRAIN_DEFAULTS:
+            value = getattr(method, field.name)
+        else:
+            continue
+        values.setdefault(value, []).append(method.name)
+    return values
+
+
 def _add_field(group, section: str, field: dataclasses.Field, owner: type) -> None:
     kind, optional = _field_type(field, owner)
     choices = field.metadata.get("choices")
     common = {"dest": field.name, "section": section, "default": argparse.SUPPRESS}
-    common["help"] = f"{field.metadata.get('help', '')} (default: {field.default})"
+    common["help"] = f"{field.metadata.get('help', '')} (default: {_default_text(section, field)})"
     flag = "--" + field.name.replace("_", "-")
     if kind is bool:
         group.add_argument(flag, action=_IntoSwitch, **common)

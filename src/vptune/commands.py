@@ -35,7 +35,8 @@ def train(args: argparse.Namespace) -> int:
     file = read_config_file(args.config) if args.config else {}
     out = args.out or file.pop("out", None)
     spec = RunSpec.from_layers(file, args.layer or {}, where=args.config or "flags")
-    out = Path(out or f"runs/{Path(spec.data).name}-{spec.method}")
+    asked = {**file, **(args.layer or {})}.get("method", spec.method)  # a recipe's own name, not its method's
+    out = Path(out or f"runs/{Path(spec.data).name}-{asked}")
     _tell(open_task(spec.data).describe(used_splits(spec.train)))
     run(spec, out)
     if is_main():  # under torchrun only rank 0 writes
@@ -126,7 +127,7 @@ def demo(args: argparse.Namespace) -> int:
         spec = demo_spec(method, args)
         print(f"[demo] {method}: {spec.train.epochs} epochs at {args.image_size}x{args.image_size} on {task.name}")
         result = run(spec, Path(args.out) / method, every_epoch=False)
-        rows.append(_demo_row(result, Path(args.out) / method))
+        rows.append(_demo_row(method, result, Path(args.out) / method))
     print()
     print(
         f"{task.name}, {args.image_size}x{args.image_size}, backbone {args.backbone}; trained on train + val, "
@@ -153,13 +154,13 @@ def demo_spec(method: str, args: argparse.Namespace) -> RunSpec:
     return RunSpec(args.data, method, args.backbone, args.image_size, registered.prompt_config(), train=train)
 
 
-def _demo_row(result: RunResult, folder: Path) -> dict:
+def _demo_row(method: str, result: RunResult, folder: Path) -> dict:
     record = read_record(folder)
     epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     epoch_seconds = [line["seconds"] for line in epochs if not line.get("final")]
     trainable, backbone, config = record["trainable_parameters"], record["backbone"]["parameters"], result.spec.train
     return {
-        "method": result.spec.method,
+        "method": method,  # as asked: a recipe by its own name
         "trainable params": f"{trainable:,}",
         "% of backbone": f"{100 * trainable / backbone:.3f}%",
         "task file": human_bytes(file_bytes(folder)),

@@ -15,7 +15,9 @@ T = TypeVar("T")
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with a help string (shown by the CLI) and optional ``choices``."""
+    """A dataclass field with a help string (shown by the CLI), optional ``choices``, and, for a default resolved
+    elsewhere (``None`` or ``"auto"`` standing for the method's or the family's value), ``shown``: how ``--help``
+    states the default."""
     return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 

@@ -1,27 +1,24 @@
-"""The training engine shared by ``vptune.fit`` and the CLI: SGD/AdamW, warmup + cosine per step, JSON-lines metrics."""
+"""What training is set up from, shared by :func:`vptune.fit` and batched training: the training configuration, the
+lr schedule (warmup + cosine per step), devices and precision, the optimisers, the data on its way to the model
+(the cached frozen trunk) and evaluation. The loop itself is :mod:`vptune.loop`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from .config import check_fields, option
 from .data import SPLITS, TaskData, load_split, open_task, train_batches
-from .distributed import init_process_group, is_main, local_device, rank, world_size
 from .methods import get_method
 from .model import TaskModel
 from .preprocessing import DataError, Preprocessing
@@ -29,25 +26,30 @@ from .prototypes import init_from_tokens
 
 METRICS = "metrics.jsonl"
 WARMUP_SHARE = 0.1  # the paper: 10 warmup epochs of 100
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # an lr beyond it cannot reach an optimiser
 
 
 @dataclass
 class TrainConfig:
-    """How a task model is trained (VPT.md, "Training protocol")."""
+    """How a task model is trained (the paper's Sec. 4.1: SGD, warmup then cosine decay, the lr scaled by batch/256)."""
 
     epochs: int = option(100, "training epochs")
     warmup_epochs: float | None = option(
         None,
         "linear warmup epochs, then cosine decay, stepped every iteration; none: a tenth of the epochs (the "
         "paper's 10 of 100); one not shorter than the run is cut to a tenth, with a warning",
+        shown="a tenth of the epochs",
     )
     batch_size: int = option(64, "images per step")
     base_lr: float | None = option(
         None, "base learning rate; the actual lr is base_lr * batch_size / 256; none = the method's default"
     )
     weight_decay: float = option(1e-4, "weight decay (decoupled for adamw)")
-    optimizer: str = option(
-        "auto", "sgd, adamw, or auto = the method's (adamw for full, sgd otherwise)", choices=("auto", "sgd", "adamw")
+    optimizer: str | None = option(
+        None,
+        "sgd or adamw; none (or auto): the method's",
+        choices=("sgd", "adamw"),
+        shown="the method's: adamw for full, sgd otherwise",
     )
     momentum: float = option(0.9, "SGD momentum")
     cache: str = option(
@@ -70,7 +72,9 @@ class TrainConfig:
         "dropout masks differ from the eager ones)",
     )
     seed: int = option(0, "seed for initialisation, shuffling and dropout: same seed, same result on CPU")
-    data_seed: int | None = option(None, "seed of the sample order alone (default: seed); batched sweeps share one")
+    data_seed: int | None = option(
+        None, "seed of the sample order alone; batched sweeps share one", shown="the seed's value"
+    )
     train_split: str = option("train", "split to train on (train, trainval)", choices=SPLITS)
     val_split: str | None = option("val", "split scored after every epoch; none to skip", choices=SPLITS)
     test_split: str | None = option("test", "split scored once at the end; none to skip", choices=SPLITS)
@@ -85,6 +89,8 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        if self.optimizer == "auto":  # the name it had before none meant the method's
+            self.optimizer = None
         check_fields(self)
         checks = (
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -94,6 +100,10 @@ class TrainConfig:
             ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.base_lr is None or self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
+            (
+                self.base_lr is None or self.base_lr * self.batch_size / 256 <= FLOAT32_MAX,
+                f"base_lr {self.base_lr} makes an lr beyond what a float32 holds ({FLOAT32_MAX:.3g}): lower it",
+            ),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (
                 self.checkpoint_blocks >= 0,
@@ -121,11 +131,11 @@ class TrainConfig:
         return self.base_lr * self.batch_size / 256
 
     def for_method(self, method: str) -> TrainConfig:
-        """This config with what it leaves unset resolved: ``base_lr=None`` and ``optimizer="auto"`` take the
+        """This config with what it leaves unset resolved: ``base_lr`` and ``optimizer`` left none take the
         method's defaults, ``warmup_epochs`` becomes :attr:`warmup` (with a warning when it was cut)."""
         spec = get_method(method)[0] if method != "custom" else None
         base_lr = self.base_lr if self.base_lr is not None else (spec.base_lr if spec else 0.1)
-        optimizer = self.optimizer if self.optimizer != "auto" else (spec.optimizer if spec else "sgd")
+        optimizer = self.optimizer if self.optimizer is not None else (spec.optimizer if spec else "sgd")
         if self.warmup_epochs is not None and self.warmup != self.warmup_epochs:
             warnings.warn(
                 f"warmup of {self.warmup_epochs:g} epochs is not shorter than the run's {self.epochs}: the lr would "
@@ -311,7 +321,7 @@ def make_optimizer(model: TaskModel, config: TrainConfig) -> torch.optim.Optimiz
 
 @dataclass
 class Training:
-    """What :func:`fit` and :func:`vptune.batched.fit_batched` set up alike: the data on its way to the model
+    """What :func:`vptune.fit` and :func:`vptune.batched.fit_batched` set up alike: the data on its way to the model
     (cached trunk outputs where they apply), the sample order and the schedule's length in steps."""
 
     splits: Splits
@@ -321,13 +331,6 @@ class Training:
     device: torch.device
     total: int
     warmup: int
-
-    def score(self, dataset: Dataset, config: TrainConfig) -> float:
-        """Accuracy on a split, through the same stage as training; NaN or infinite logits are divergence."""
-        try:
-            return _evaluate(self.stage, dataset, config.eval_batch_size, self.device, config.precision)["accuracy"]
-        except NonFiniteOutput as error:
-            raise TrainingDiverged(f"training diverged: {error}") from error
 
 
 def prepare(
@@ -354,143 +357,3 @@ def prepare(
     loader = train_batches(splits.train, config.batch_size // world, sampler, device)
     total, warmup = config.epochs * len(loader), round(config.warmup * len(loader))
     return Training(splits, Stage(model, point), sampler, loader, device, total, warmup)
-
-
-def fit(
-    model: TaskModel,
-    data: str | os.PathLike | TaskData | Splits,
-    config: TrainConfig | None = None,
-    out_dir: str | os.PathLike | None = None,
-    on_epoch_end: Callable[[dict], None] | None = None,
-) -> dict:
-    """Train ``model``'s trainable tensors; return the final metrics.
-
-    Args:
-        model: from :func:`vptune.build`; the backbone stays frozen and in eval mode.
-        data: a task name (``"eurosat"``), a task folder, a :class:`TaskData`, or ready :class:`Splits`.
-        config: the training configuration (default :class:`TrainConfig`); unset ``base_lr`` and ``optimizer``
-            take the method's defaults.
-        out_dir: when given, one JSON line per epoch is written to ``out_dir/metrics.jsonl``.
-        on_epoch_end: called with the epoch's metrics after each epoch (e.g. to save the task so far).
-
-    When the part of the network before the first trained tensor is frozen and prompt-free and the train split
-    has no augmentation (``config.cache="auto"``), that part runs once per image and training continues from its
-    cached output: the same result as running the whole network, at a fraction of the cost.
-
-    Raises:
-        TrainingDiverged: the loss became NaN or infinite (epoch, step and lr in the message); files
-            written so far stay valid.
-    """
-    config = (config or TrainConfig()).for_method(model.method)
-    device = local_device(resolve_device(config.device))
-    world = world_size() if init_process_group(device) else 1
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
-    training = prepare(model, data, config, device, world, rank())
-    torch.manual_seed(config.seed)
-    model.train()
-    optimizer = make_optimizer(model, config)
-    trained = DistributedDataParallel(model) if world > 1 else model
-    trained = torch.compile(trained) if config.compile else trained
-    log = _MetricsLog(out_dir if is_main() else None)
-    recompute = config.checkpoint_blocks or (model.backbone.depth if config.checkpointing else 0)
-    metrics: dict = {}
-    with model.recomputing(recompute):
-        for epoch in range(1, config.epochs + 1):
-            metrics = _epoch(training, trained, optimizer, config, epoch)
-            log.write(metrics)
-            if on_epoch_end is not None and is_main():
-                on_epoch_end(metrics)
-    if training.splits.test is not None:
-        metrics["test_accuracy"] = training.score(training.splits.test, config)
-        log.write({"final": True, **metrics})
-    model.eval()
-    return metrics
-
-
-def _epoch(training: Training, trained, optimizer, config: TrainConfig, epoch: int) -> dict:
-    """One epoch of training, then the val score: the epoch's metrics."""
-    training.sampler.set_epoch(epoch)
-    start, step = time.perf_counter(), (epoch - 1) * len(training.loader)
-    train = _train_epoch(training, trained, optimizer, config, epoch, step)
-    metrics = {"epoch": epoch, **train, "seconds": round(time.perf_counter() - start, 3)}
-    metrics["cached_from"] = training.stage.point
-    if training.splits.val is not None:
-        metrics["val_accuracy"] = training.score(training.splits.val, config)
-    return metrics
-
-
-def _train_epoch(training: Training, trained, optimizer, config: TrainConfig, epoch: int, step: int) -> dict:
-    stage, device = training.stage, training.device
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    quiet = not config.progress or not is_main()
-    bar = tqdm(training.loader, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False)
-    highest = 0.0
-    for inputs, labels in stage.batches(bar, device):
-        lr = lr_at(step, training.total, training.warmup, config.lr)
-        highest = max(highest, lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device, config.precision):
-            logits = stage.logits(inputs, trained).float()
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        where = f"at epoch {epoch}, step {step + 1} (lr {lr:.4g})"
-        _check_update(loss, optimizer, config, where)
-        optimizer.step()
-        _check_weights(optimizer, where)
-        step += 1
-        sums += torch.tensor([loss.item() * labels.numel(), (logits.argmax(1) == labels).sum().item(), labels.numel()])
-        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", lr=f"{lr:.3g}")
-    if dist.is_initialized():
-        dist.all_reduce(sums)  # every process reports the whole epoch
-    loss_sum, correct, count = sums.tolist()
-    accuracy = correct / max(1, count)
-    return {"train_loss": loss_sum / max(1, count), "train_accuracy": accuracy, "lr": lr, "lr_peak": highest}
-
-
-def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [param for group in optimizer.param_groups for param in group["params"]]
-
-
-def _check_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, config: TrainConfig, where: str) -> None:
-    """Divergence before the update: a non-finite loss or gradient, or a loss above ``config.max_loss`` (agreed
-    between processes, so that they all stop together)."""
-    grads = [param.grad for param in _trained(optimizer) if param.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-    limit = float("inf") if config.max_loss is None else config.max_loss
-    bad = (~torch.isfinite(loss) | (loss > limit) | ~torch.isfinite(grad_norm)).float()
-    if dist.is_initialized():
-        dist.all_reduce(bad)
-    if bad.item():
-        raise TrainingDiverged(
-            f"training diverged {where}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
-            f"{f' (the limit: max_loss {limit:g})' if loss.item() > limit else ''}; lower --base-lr"
-        )
-
-
-def _check_weights(optimizer: torch.optim.Optimizer, where: str) -> None:
-    """Divergence after the update: a trained tensor that is no longer finite."""
-    norm = torch.nn.utils.get_total_norm(_trained(optimizer))
-    if not torch.isfinite(norm):
-        raise TrainingDiverged(
-            f"training diverged {where}: the update made the trained tensors non-finite; lower --base-lr"
-        )
-
-
-class _MetricsLog:
-    """Appends one JSON object per line; each line is written whole and flushed."""
-
-    def __init__(self, out_dir: str | os.PathLike | None):
-        self.path = Path(out_dir) / METRICS if out_dir is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # a new run starts a new log
-
-    def write(self, metrics: dict) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(metrics, allow_nan=False) + "\n")
-            handle.flush()

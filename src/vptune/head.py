@@ -13,6 +13,14 @@ from torch import nn
 HEAD_BIAS = -math.log(99.0)  # the released code's "special bias": -log((1 - 0.01) / 0.01)
 HEAD_INITS = ("uniform", "released")
 HEAD_NORMS = ("batchnorm", "none")
+HEAD_INIT, HEAD_NORM = "uniform", "batchnorm"  # the defaults (docs/fidelity.md says why)
+
+
+def check_head(init: str, norm: str) -> None:
+    """Refuse an unknown head start or feature norm, naming the choices."""
+    for name, value, choices in (("head_init", init, HEAD_INITS), ("head_norm", norm, HEAD_NORMS)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 class FeatureNorm(nn.Module):
@@ -85,13 +93,11 @@ class Head(nn.Module):
         num_classes: int,
         num_tasks: int = 1,
         generator: torch.Generator | None = None,
-        init: str = "uniform",
-        norm: str = "batchnorm",
+        init: str = HEAD_INIT,
+        norm: str = HEAD_NORM,
     ):
         super().__init__()
-        for name, value, choices in (("head init", init, HEAD_INITS), ("head norm", norm, HEAD_NORMS)):
-            if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        check_head(init, norm)
         weight, bias = torch.empty(num_tasks, num_classes, width), torch.empty(num_tasks, num_classes)
         if init == "released":
             weight.normal_(0.0, math.sqrt(2.0 / num_classes), generator=generator)  # kaiming fan-out of (C, d)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones import FAMILIES, SPEC_LOADERS, load_backbone, resolve_spec
+from .backbones import FAMILIES, SPEC_LOADERS, Backbone, load_backbone, resolve_spec
 from .data import train_batches
 from .engine import TrainConfig, autocast, make_optimizer
 from .methods import METHODS, build, get_method
@@ -216,23 +216,28 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int 
 
 
 def default_rows(spec: str) -> list[str]:
-    """The rows of every registered method that works on the backbone ``spec`` names (only its config is read): on
-    a ConvNet, the methods with the ``convnets`` trait."""
+    """The rows of every registered method that works on the backbone ``spec`` names (only its config is read):
+    those whose needs its family's blocks meet (``Method.needs``, ``Backbone.capabilities``)."""
     from transformers import AutoConfig
 
     if any(spec.startswith(prefix) for prefix in SPEC_LOADERS):  # timm: a ViT whose fused qkv LoRA cannot take
         return [row for row in rows() if _base_method(row)[0] != "lora"]
     model_type = AutoConfig.from_pretrained(resolve_spec(spec)).model_type
-    tokens = next((family.has_tokens for family in FAMILIES.values() if model_type in family.model_types), True)
-    return [row for row in rows() if tokens or get_method(_base_method(row)[0])[0].convnets]
+    family = next((family for family in FAMILIES.values() if model_type in family.model_types), Backbone)
+    return [row for row in rows() if _works_on(_base_method(row)[0], family.capabilities)]
+
+
+def _works_on(method: str, capabilities: frozenset[str]) -> bool:
+    return set(get_method(method)[0].needs) <= capabilities
 
 
 @torch.no_grad()
 def inference_rate(args: argparse.Namespace) -> dict:
-    """Images/s of the backbone alone and of a VPT model (VPT-Deep; on a ConvNet VPT-Shallow), in eval mode."""
+    """Images/s of the backbone alone and of a VPT model (VPT-Deep, or VPT-Shallow where deep prompts do not
+    apply), in eval mode."""
     device = torch.device(args.device)
     backbone = load_backbone(args.backbone).to(device)
-    method = "vpt-deep" if backbone.has_tokens else "vpt-shallow"
+    method = next(name for name in ("vpt-deep", "vpt-shallow") if _works_on(name, backbone.capabilities))
     prompted = build(method, backbone, 10, PromptConfig(num_tokens=args.num_tokens), args.image_size).to(device).eval()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     rates = {}

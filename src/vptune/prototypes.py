@@ -63,7 +63,7 @@ def init_from_tokens(model: TaskModel, images: Dataset, seed: int = 0) -> None:
             width = prompts.widths[index]
             norm = xavier_norm(backbone.patch_size, backbone.block_width(0), width)  # the bound _draw uses
             tokens = tokens * (norm / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        _write(prompts, index, tokens)
+        prompts.set_tokens(index, tokens)
     prompts.tokens_pending = False
 
 
@@ -95,13 +95,3 @@ def _pixels(model: TaskModel, images: Dataset, indices: list[int]) -> torch.Tens
     if batch.dtype == torch.uint8:
         return model.preprocessing.normalize(batch.to(device))
     return batch.to(device)
-
-
-def _write(prompts, index: int, tokens: torch.Tensor) -> None:
-    """Prompt set ``index`` of every task row := ``tokens`` (p, width)."""
-    stored = prompts.embeddings
-    if prompts.side_by_side:
-        start = sum(prompts.widths[:index])
-        stored[:, 0, :, start : start + tokens.shape[-1]] = tokens.to(stored.dtype)
-    else:
-        stored[:, index] = tokens.to(stored.dtype)

@@ -22,12 +22,13 @@ from .batched import fit_batched
 from .config import check_fields, from_dict, to_dict
 from .data import TaskData, open_task
 from .distributed import is_main
-from .engine import METRICS, TrainConfig, fit
+from .engine import METRICS, TrainConfig
 from .files import write_json
-from .head import HEAD_INITS, HEAD_NORMS
-from .methods import build, get_method
+from .head import HEAD_INIT, HEAD_INITS, HEAD_NORM, HEAD_NORMS
+from .loop import fit
+from .methods import build, canonical_name, get_method
 from .model import TaskModel
-from .prompts import DefaultLocation, PromptConfig
+from .prompts import PromptConfig
 from .taskfile import RECORD, WEIGHTS, mark_partial, save_task
 
 CONFIG = "config.json"
@@ -41,7 +42,8 @@ class RunSpec:
 
     Attributes:
         data: a task name (under ``$VPTUNE_DATA``) or a task folder.
-        method: a registered method (``vptune.method_names()``).
+        method: a registered method (``vptune.method_names()``); a named recipe (``vpt-deep+kv``) becomes the method
+            it stands for, its options written into ``prompt``.
         backbone: a backbone spec (``dinov2-small``, ``hf:<hub id>``, ``hf:<folder>``).
         image_size: the square input side (None: the backbone's native size).
         prompt: the prompt configuration (None: the method's defaults).
@@ -58,12 +60,15 @@ class RunSpec:
     prompt: PromptConfig | None = None
     options: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    head_init: str = field(default="uniform", metadata={"choices": HEAD_INITS})
-    head_norm: str = field(default="batchnorm", metadata={"choices": HEAD_NORMS})
+    head_init: str = field(default=HEAD_INIT, metadata={"choices": HEAD_INITS})
+    head_norm: str = field(default=HEAD_NORM, metadata={"choices": HEAD_NORMS})
 
     def __post_init__(self) -> None:
         check_fields(self)
-        get_method(self.method)  # an unknown method fails before any work
+        method = get_method(self.method)[0]  # an unknown method fails before any work
+        if canonical_name(self.method) != self.method:  # a recipe: recorded as its method and prompt options
+            self.prompt = self.prompt or method.prompt_config()
+            self.method = canonical_name(self.method)
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"RunSpec: image_size must be >= 1, got {self.image_size}")
 
@@ -170,7 +175,7 @@ def run(
     staging = RunFolder(Path(out)) if out is not None and is_main() else None  # under torchrun only rank 0 writes
     task, model, splits = _build(spec, backbone)
     config = spec.train.for_method(model.method)
-    resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=_chosen(model.prompt_config), train=config)
+    resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=model.prompt_config, train=config)
     if staging is None:
         metrics = fit(model, task, config, on_epoch_end=on_epoch)
         return RunResult(resolved, model, task, metrics, time.perf_counter() - start)
@@ -233,7 +238,8 @@ def _replace(source: Path, target: Path) -> None:
 
 
 def run_batched(specs: list[RunSpec]) -> list[RunResult]:
-    """Train runs that differ only in base lr, weight decay, momentum and seed in one pass (no folders written)."""
+    """Train runs that differ only in base lr, weight decay, momentum and seed in one pass (no folders written); a
+    run that diverged has ``diverged`` among its metrics (and its model the tensors it started with)."""
     start = time.perf_counter()
     built = [_build(spec) for spec in specs]
     task, models = built[0][0], [model for _, model, _ in built]
@@ -259,22 +265,29 @@ def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, T
     return task, model, splits
 
 
-def _chosen(prompt: PromptConfig) -> PromptConfig:
-    """``prompt`` with its location as chosen for the model (a run's resolved spec records it)."""
-    return dataclasses.replace(prompt, location=str(prompt.location))
-
-
 def _prompt_dict(prompt: PromptConfig) -> dict:
-    """A prompt configuration as JSON; a location never chosen is left out, so that it stays the backbone's default
-    when read back (``pad`` on a ConvNet), and so are the designs beyond the paper while off (``kv_tokens``,
-    ``fourier``), so that a plain VPT run is recorded as it was before they existed (a sweep resumes its runs)."""
+    """A prompt configuration as JSON; a location left to the backbone's family is left out, and so are the designs
+    beyond the paper while off (``kv_tokens``, ``fourier``), so that a run is recorded as it was before they existed
+    (a sweep resumes its runs)."""
     values = to_dict(prompt)
-    if isinstance(prompt.location, DefaultLocation):
-        del values["location"]
-    for name in ("kv_tokens", "fourier"):
+    for name in ("location", "kv_tokens", "fourier"):
         if not values[name]:
             del values[name]
     return values
+
+
+def canonical_entry(entry: dict) -> dict:
+    """A sweep run's entry (``{"id", "stage", "setting", "run"}``) as a new plan writes it: a method recorded under a
+    named recipe's name (before designs were prompt options) becomes the method it stands for; the recipe's options
+    are in the recorded prompt already."""
+    run = entry.get("run")
+    if not isinstance(run, dict) or not isinstance(run.get("method"), str):
+        return entry
+    try:
+        method = canonical_name(run["method"])
+    except ValueError:  # a method this vptune does not know: it matches no plan
+        return entry
+    return {**entry, "run": {**run, "method": method}}
 
 
 def used_splits(config: TrainConfig) -> tuple[str, ...]:

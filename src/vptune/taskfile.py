@@ -16,6 +16,7 @@ from .backbones import Backbone, load_backbone
 from .config import from_dict, to_dict
 from .data import TaskData
 from .files import write_atomic, write_json
+from .head import HEAD_INIT
 from .methods import build, get_method
 from .model import TaskModel
 from .preprocessing import Preprocessing
@@ -177,7 +178,7 @@ def _build(record: dict, backbone: Backbone, file: Path) -> TaskModel:
         prompt=from_dict(PromptConfig, record["prompt"], where=str(file)),
         classes=record["classes"],
         preprocessing=Preprocessing.from_record(record["preprocessing"]),
-        head_init=head.get("init", "uniform"),
+        head_init=head.get("init", HEAD_INIT),
         head_norm=head.get("norm", "none"),  # task files from before it existed had none
         **record.get("options", {}),
     )

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Backbone, layout
 from .loading import register_family
+from .tokens import TokenBackbone, layout
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @register_family
-class ClipBackbone(Backbone):
+class ClipBackbone(TokenBackbone):
     """CLIP's vision tower: a pre-norm before block 1; the post-norm serves as the final norm.
 
     The MLPs' quick GELU becomes :class:`QuickGelu`: the same values, half the activations kept for the backward.

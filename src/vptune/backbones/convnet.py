@@ -1,18 +1,23 @@
 """ConvNet backbones: transformers ``ConvNextModel`` and ``ResNetModel`` (the paper's ConvNeXt-B and ResNet-50).
 
 A ConvNet has no tokens: it is seen as a stem (its first convolution and what follows it up to the first stage), a
-list of stages, and a pooling that gives one feature vector per image. VPT prompts it in pixel space (a learnable
-border, or extra input channels: :mod:`vptune.convnet`); the token-based methods do not apply to it.
+list of stages, and a pooling that gives one feature vector per image. VPT prompts it in pixel space (the paper's
+Sec. 4.3): a learnable border (``pad``, the default) or extra input channels (``below``), :mod:`vptune.prompts.pixels`;
+the token-based methods do not apply to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone
+from ..preprocessing import Preprocessing
+from ..prompts import CONV_LOCATIONS, BorderPrompts, ChannelPrompts, PromptConfig, PromptModule
+from .base import Backbone, PromptPass
 from .loading import register_family
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -27,7 +32,10 @@ class ConvBackbone(Backbone):
     running statistics, which nothing updates (full fine-tuning too): tasks share the backbone and save exactly.
     """
 
-    has_tokens = False
+    kind = "a ConvNet"
+    capabilities = frozenset()  # no tokens: the token methods are refused (``Method.needs``)
+    block_unit = "stages"
+    prompt_hint = " (prompts: vpt-shallow with --location pad or below)"
     first_conv: ClassVar[str] = ""  # path of the first convolution in the transformers model
 
     @classmethod
@@ -56,6 +64,14 @@ class ConvBackbone(Backbone):
         """The last stage's feature map (B, d, h, w) as pooled features (B, d), as the transformers model pools."""
         raise NotImplementedError
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The stem's feature map, entering stage 0."""
+        return self.stem(pixel_values)
+
+    def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Stage ``index`` on a feature map."""
+        return self.blocks[index](hidden)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pooled features (B, d) of normalised images."""
         hidden = self.stem(pixel_values)
@@ -63,11 +79,60 @@ class ConvBackbone(Backbone):
             hidden = stage(hidden)
         return self.pool(hidden)
 
-    def embed(self, pixel_values: torch.Tensor, patch_delta: torch.Tensor | None = None) -> torch.Tensor:
-        raise TypeError(f"a ConvNet ({self.family}) has no tokens to embed: use stem, blocks and pool")
+    # --- prompting: pixels ----------------------------------------------------------------------------------------
+    def resolve_prompt(self, config: PromptConfig) -> PromptConfig:
+        """Location ``pad`` where unset and the pooled features as the read-out; a token location, deep prompts or
+        prompted layers refused with what to use instead."""
+        why = f"a ConvNet ({self.family}) has no tokens"
+        if config.enabled and (config.deep or config.layers not in (None, [0])):
+            raise ValueError(
+                f"deep or per-layer prompts are fresh tokens before Transformer blocks; {why}: use vpt-shallow with "
+                "--location pad"
+            )
+        location = config.location or "pad"
+        if config.enabled and location not in CONV_LOCATIONS:
+            raise ValueError(
+                f"location {location!r} puts prompts among a Transformer's tokens; {why}: use location 'pad' "
+                "(--location pad: a learnable border of p pixels) or 'below' (p extra input channels)"
+            )
+        if config.resolved:
+            return config
+        return dataclasses.replace(config, location=location, readout=config.readout or "cls")
 
-    def run_block(self, index: int, tokens: torch.Tensor, skip=None, context=None) -> torch.Tensor:
-        raise TypeError(f"a ConvNet ({self.family}) has no token blocks: its stages take feature maps")
+    def new_prompts(
+        self, config: PromptConfig, preprocessing: Preprocessing, generator: torch.Generator | None = None
+    ) -> PromptModule | None:
+        """A border of pixels (``pad``) or extra input channels (``below``), normalised as ``preprocessing`` says."""
+        if not config.enabled:
+            return None
+        size, mean, std = preprocessing.image_size, preprocessing.mean, preprocessing.std
+        if config.location == "pad":
+            return BorderPrompts(config, self.in_chans, size, mean, std, generator=generator)
+        return ChannelPrompts(config, self.in_chans, size, mean, std, generator=generator)
+
+    def prompted_backbone(self, config: PromptConfig, generator: torch.Generator | None = None) -> Backbone:
+        """``below`` prompts: a copy whose first convolution takes the extra channels (:meth:`widen_input`)."""
+        if not config.enabled or config.location != "below":
+            return self
+        copy = self.own_copy(self.trained_names().__contains__)
+        copy.widen_input(config.num_tokens, generator)
+        return copy
+
+    def prompted_input(self, pixel_values: torch.Tensor, run: PromptPass) -> torch.Tensor:
+        """The stem's output for the images with their prompts (a border, or channels)."""
+        prompts = run.prompts
+        return self.stem(pixel_values if prompts is None else prompts.insert(pixel_values, run.task_ids))
+
+    def prompted_features(self, hidden: torch.Tensor, start: int, run: PromptPass) -> torch.Tensor:
+        """Stages ``start..N-1`` on the feature map ``hidden``, then the pooling (the prompts came in with the
+        pixels)."""
+        for index in range(start, self.depth):
+            stage = self.blocks[index]
+            if index < run.recompute and torch.is_grad_enabled():
+                hidden = checkpoint(stage, hidden, use_reentrant=False)
+            else:
+                hidden = stage(hidden)
+        return self.pool(hidden)
 
     def widen_input(self, extra: int, generator: torch.Generator | None = None) -> nn.Conv2d:
         """Give the first convolution ``extra`` more input channels (in place: call it on an :meth:`own_copy`).

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, layout
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .loading import register_family
+from .tokens import layout
 from .vit import VIT_ATTENTION, ViTBackbone
 
 

@@ -12,8 +12,9 @@ import copy
 
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, layout
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from .loading import register_family
+from .tokens import layout
 from .vit import VIT_ATTENTION, ViTBackbone
 
 FC_NORM_EPS = 1e-6  # the released code's (and MAE's) LayerNorm epsilon

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 ENCODERS = ("base", "momentum")
 LAYER_NORM_EPS = 1e-6  # every norm of MoCo v3's ViTs (timm's, built with eps 1e-6)

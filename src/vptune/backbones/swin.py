@@ -2,31 +2,31 @@
 
 Swin has no class token, stages of growing width and patch merging between them, so a prompted forward cannot run
 its blocks one by one on a flat ``[prefix, prompts, patches]`` sequence: the family runs the whole prompted forward
-itself (:meth:`SwinBackbone.staged_features`). Its prompts (VPT.md, "Backbone families"): p tokens beside the
-H*W patches; in every block they go through ``norm1`` with the patches, join every attention window (seeing and
-seen by each of its tokens, whatever the shifted-window mask), their outputs are averaged over the windows, and the
-residual and the MLP run on prompts and patches alike. Patch merging passes them on as 4 copies (4C) through its
-norm and reduction. The block and the merging are restated here over the model's own modules (q/k/v/o, the
-relative position bias, the norms, the MLP), so that with no prompts the output is the model's own.
+itself (:meth:`SwinBackbone.prompted_features`). Its prompts (the paper's Sec. 4.3, as its released code has them):
+p tokens beside the H*W patches; in every block they go through ``norm1`` with the patches, join every attention
+window (seeing and seen by each of its tokens, whatever the shifted-window mask), their outputs are averaged over the
+windows, and the residual and the MLP run on prompts and patches alike. Patch merging passes them on as 4 copies
+(4C) through its norm and reduction. The block and the merging are restated here over the model's own modules
+(q/k/v/o, the relative position bias, the norms, the MLP), so that with no prompts the output is the model's own.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, layout
+from ..prompts import PromptConfig
+from .base import PromptPass
 from .loading import register_family
+from .tokens import TokenBackbone, layout
 
 SHIFT_MASK = -100.0  # what transformers (and the original Swin) add between tokens of different shifted regions
 
 
 @register_family
-class SwinBackbone(Backbone):
+class SwinBackbone(TokenBackbone):
     """Swin (V1): patch embedding, stages of shifted-window blocks with patch merging between them, a final norm.
 
     ``width`` is the last stage's (the features the head reads), ``depth`` the number of blocks over all stages;
@@ -43,7 +43,6 @@ class SwinBackbone(Backbone):
         "layernorm_before", "layernorm_after", "attention.q_proj", "attention.k_proj", "attention.v_proj",
         "attention.o_proj",
     )  # fmt: skip
-    staged = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,15 +71,16 @@ class SwinBackbone(Backbone):
         """Block ``index``'s token width: its stage's, C0 * 2^stage."""
         return self.stage_widths[self._stage[index]]
 
-    def check_prompt(self, config) -> None:
+    def resolve_prompt(self, config: PromptConfig) -> PromptConfig:
         """Swin takes prompt tokens (``location="prepend"``) stored at each block's own width: no projection."""
-        if config.location != "prepend":
+        if config.location not in (None, "prepend"):
             raise ValueError(
                 f"PromptConfig: location {config.location!r} is not available on Swin; its prompts are tokens "
                 "inside every attention window: use location='prepend'"
             )
         if config.project:
             raise ValueError("PromptConfig: project is not available on Swin (its blocks differ in width): use 0")
+        return super().resolve_prompt(config)
 
     def embed(self, pixel_values: torch.Tensor, patch_delta: torch.Tensor | None = None) -> torch.Tensor:
         """The patch tokens as a grid (B, H/s, W/s, C0): patch embedding, its norm (and positions where the model
@@ -101,7 +101,7 @@ class SwinBackbone(Backbone):
     ) -> torch.Tensor:
         """Block ``index`` on a grid (B, H, W, C), with the patch merging after it where its stage ends."""
         if skip is not None or context is not None or kv is not None:
-            raise ValueError("Swin blocks run on whole grids here: prompts go through staged_features")
+            raise ValueError("Swin blocks run on whole grids here: prompts go through prompted_features")
         patches, _, dims = self._step(index, tokens.flatten(1, 2), None, tuple(tokens.shape[1:3]))
         return patches.unflatten(1, dims)
 
@@ -112,37 +112,34 @@ class SwinBackbone(Backbone):
             grid = self.run_block(index, grid)
         return self.norm(grid.flatten(1, 2))
 
-    def staged_features(
-        self,
-        grid: torch.Tensor,
-        start: int,
-        fresh: Mapping[int, torch.Tensor],
-        readout: str,
-        drop_after: int | None = None,
-        recompute: int = 0,
-        kv: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
+    def prompted_input(self, pixel_values: torch.Tensor, run: PromptPass) -> torch.Tensor:
+        return self.embed(pixel_values)
+
+    def prompted_features(self, hidden: torch.Tensor, start: int, run: PromptPass) -> torch.Tensor:
         """Blocks ``start..N-1`` with prompts, the final norm and the read-out: pooled features (B, d).
 
-        Args:
-            grid: the tokens entering block ``start``, (B, H, W, C).
-            fresh: prompt tokens (1 or B, p, C_block) by block: they replace the prompts there (VPT-Deep's).
-            readout: ``cls`` or ``all`` (every token's mean, the released code), ``image`` (the patches'),
-                ``prompt`` (the prompts').
-            drop_after: the prompts are removed after this block.
-            recompute: blocks before this one are recomputed in the backward pass (gradient checkpointing).
-            kv: key-value prompts by block, appended to every window's keys and values there (E2VPT's).
+        ``hidden`` is the grid entering block ``start``, (B, H, W, C). Each prompted block's tokens (1 or B, p,
+        C_block) replace the prompts there (VPT-Deep's); key-value prompts join every window's keys and values
+        (E2VPT's); ``drop_after`` removes the prompts after the last prompted block. The read-out ``cls`` or
+        ``all`` is every token's mean (the released code), ``image`` the patches', ``prompt`` the prompts'.
+        Every block runs whole: Swin has no unread outputs to skip.
         """
-        patches, dims, prompts, kv = grid.flatten(1, 2), tuple(grid.shape[1:3]), None, kv or {}
+        prompts, config, task_ids = run.prompts, run.config, run.task_ids
+        layers = [i for i in (prompts.layers if prompts is not None else []) if i >= start]
+        batch = hidden.shape[0]
+        fresh = {i: prompts.tokens(i, task_ids, self, batch) for i in layers}
+        kv = {i: prompts.key_values(i, task_ids, batch) for i in layers if config.kv_tokens}
+        drop_after = prompts.layers[-1] if prompts is not None and config.drop_after else None
+        patches, dims, tokens = hidden.flatten(1, 2), tuple(hidden.shape[1:3]), None
         for index in range(start, self.depth):
-            prompts = fresh.get(index, prompts)
-            step = (index, patches, prompts, dims, kv.get(index))
-            if index < recompute and torch.is_grad_enabled():
-                patches, prompts, dims = checkpoint(self._step, *step, use_reentrant=False)
+            tokens = fresh.get(index, tokens)
+            step = (index, patches, tokens, dims, kv.get(index))
+            if index < run.recompute and torch.is_grad_enabled():
+                patches, tokens, dims = checkpoint(self._step, *step, use_reentrant=False)
             else:
-                patches, prompts, dims = self._step(*step)
-            prompts = None if index == drop_after else prompts
-        return self._read_out(patches, prompts, readout)
+                patches, tokens, dims = self._step(*step)
+            tokens = None if index == drop_after else tokens
+        return self._read_out(patches, tokens, config.readout)
 
     def _read_out(self, patches: torch.Tensor, prompts: torch.Tensor | None, readout: str) -> torch.Tensor:
         if readout == "image" or prompts is None:

@@ -3,7 +3,7 @@
 timm needs torchvision, so it is an optional dependency: ``pip install timm`` where torchvision works (e.g. a CUDA
 machine). Its blocks compute queries, keys and values in one fused Linear (``attn.qkv``), so they run whole: a block
 computes every token's output and the unread ones are dropped (no block class is declared for the fast path of
-:meth:`Backbone.run_block`). Adapters go after each block's ``mlp.fc2``; LoRA adapts the attention output
+:meth:`TokenBackbone.run_block`). Adapters go after each block's ``mlp.fc2``; LoRA adapts the attention output
 (``attn.proj``) only, as q, k and v are not separate layers.
 """
 
@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .base import Backbone, layout
+from .base import Backbone
 from .loading import SPEC_LOADERS, register_family, wrap_model
+from .tokens import TokenBackbone, layout
 
 TIMM_MEAN = (0.5, 0.5, 0.5)  # timm's default for its ViTs (pretrained_cfg overrides it when the model has one)
 TIMM_STD = (0.5, 0.5, 0.5)
@@ -28,7 +29,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @register_family
-class TimmViTBackbone(Backbone):
+class TimmViTBackbone(TokenBackbone):
     """A timm ``VisionTransformer``: class token (and registers), learned positions, optional pre-norm.
 
     Positions follow the model's ``no_embed_class``: added to every token, or to the patches only (the class and

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Backbone, layout
 from .loading import register_family
+from .tokens import TokenBackbone, layout
 
 # Shared by the families built like ViT (DINOv2): 5.x names first, 4.x names after.
 VIT_ATTENTION = {
@@ -18,7 +18,7 @@ VIT_ATTENTION = {
 
 
 @register_family
-class ViTBackbone(Backbone):
+class ViTBackbone(TokenBackbone):
     """A plain pre-norm ViT: class token, learned positions, final LayerNorm."""
 
     family = "vit"

@@ -13,21 +13,25 @@ from .heads import MlpHead
 from .lora import LoraLinear, LoraOptions
 from .registry import (
     ADAMW_LR_GRID,
+    ALIASES,
     METHODS,
     SGD_LR_GRID,
     WD_GRID,
     BuildContext,
     Method,
     build,
+    canonical_name,
     get_method,
     method_names,
     register,
+    register_alias,
     unregister,
 )
 from .sidetune import SideNetwork, SidetuneOptions
 
 __all__ = [
     "ADAMW_LR_GRID",
+    "ALIASES",
     "METHODS",
     "SGD_LR_GRID",
     "WD_GRID",
@@ -41,8 +45,10 @@ __all__ = [
     "SideNetwork",
     "SidetuneOptions",
     "build",
+    "canonical_name",
     "get_method",
     "method_names",
     "register",
+    "register_alias",
     "unregister",
 ]

@@ -10,7 +10,7 @@ from .vpt import bias_backbone
 
 @register(
     "full", "every backbone weight trains (AdamW)", optimizer="adamw", base_lr=0.0005, lr_grid=ADAMW_LR_GRID,
-    perf_rows=("",), convnets=True,
+    perf_rows=("",), needs=(),
 )  # fmt: skip
 def _full(context: BuildContext) -> TaskModel:
     # DINOv2's mask token serves masked pretraining only: no forward pass uses it, so it stays frozen. The model's
@@ -19,17 +19,16 @@ def _full(context: BuildContext) -> TaskModel:
     return context.model(backbone=context.backbone.own_copy(trains, dropout=True))
 
 
-@register("partial-<k>", "the last k blocks (a ConvNet's: stages) and the final norm train", convnets=True)
+@register("partial-<k>", "the last k blocks (a ConvNet's: stages) and the final norm train", needs=())
 def _partial(context: BuildContext) -> TaskModel:
     backbone, k = context.backbone, context.k
     if k > backbone.depth:
-        unit = "blocks" if backbone.has_tokens else "stages"
-        raise ValueError(f"partial-{k}: the backbone has only {backbone.depth} {unit}")
+        raise ValueError(f"partial-{k}: the backbone has only {backbone.depth} {backbone.block_unit}")
     names = set().union(*(backbone.names_of(backbone.blocks[i]) for i in range(backbone.depth - k, backbone.depth)))
     names |= backbone.names_of(backbone.norm)
     return context.model(backbone=backbone.own_copy(names.__contains__))
 
 
-@register("bias", "only the backbone's bias terms (and the head) train (BitFit)", perf_rows=("",), convnets=True)
+@register("bias", "only the backbone's bias terms (and the head) train (BitFit)", perf_rows=("",), needs=())
 def _bias(context: BuildContext) -> TaskModel:
     return context.model(backbone=bias_backbone(context))

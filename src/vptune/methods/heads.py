@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..head import FeatureNorm, Head
+from ..head import HEAD_INIT, HEAD_NORM, FeatureNorm, Head
 from ..model import TaskModel
 from .registry import BuildContext, register
 
@@ -16,7 +16,7 @@ HIDDEN_DROPOUT = 0.1  # the released code's MLP head
 
 @register(
     "linear", "frozen backbone, linear head", head_only=True, servable=True, batchable=True,
-    perf_rows=("", "-cached"), demo={"epochs": 5, "warmup_epochs": 1, "base_lr": 0.2}, demo_rank=0, convnets=True,
+    perf_rows=("", "-cached"), demo={"epochs": 5, "warmup_epochs": 1, "base_lr": 0.2}, demo_rank=0, needs=(),
 )  # fmt: skip
 def _linear(context: BuildContext) -> TaskModel:
     return context.model()
@@ -24,7 +24,7 @@ def _linear(context: BuildContext) -> TaskModel:
 
 @register(
     "mlp-<k>", "frozen backbone, k-layer MLP head (k-1 hidden layers of width d: ReLU, BatchNorm, Dropout 0.1)",
-    head_only=True, convnets=True,
+    head_only=True, needs=(),
 )  # fmt: skip
 def _mlp(context: BuildContext) -> TaskModel:
     width = context.backbone.width
@@ -43,8 +43,8 @@ class MlpHead(nn.Module):
         num_classes: int,
         layers: int,
         generator: torch.Generator | None = None,
-        init: str = "uniform",
-        norm: str = "batchnorm",
+        init: str = HEAD_INIT,
+        norm: str = HEAD_NORM,
     ):
         super().__init__()
         if layers < 1:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..batched import why_not_batched
+from ..config import from_dict
 from ..engine import TrainingDiverged
-from ..methods import get_method
+from ..prompts import PromptConfig
 from ..runs import RunResult, RunSpec, run, run_batched
 
 Finished = Callable[[dict, dict], None]  # called with a run's entry and its result as each run finishes
@@ -17,25 +19,26 @@ def execute(entry: dict) -> dict:
     try:
         return result(entry, run(spec, entry.get("save"), every_epoch=False))
     except TrainingDiverged as error:  # a grid point with too high an lr: scored as a failure, the sweep goes on
-        diverged = {"diverged": str(error), "val_accuracy": None, "test_accuracy": None}
-        return {"entry": _public(entry), "metrics": diverged}
+        return diverged(entry, str(error))
 
 
 def execute_together(entries: list[dict]) -> list[dict]:
-    """Train grid runs of one prompt structure in one pass; if one diverges, run them one by one instead."""
-    if len(entries) > 1:
-        try:
-            specs = [RunSpec.from_dict(entry["run"]) for entry in entries]
-            return [result(entry, done) for entry, done in zip(entries, run_batched(specs), strict=True)]
-        except TrainingDiverged:  # one setting diverged: alone, the others still score
-            pass
-    return [execute(entry) for entry in entries]
+    """Train grid runs of one prompt structure in one pass; one that diverges is scored as a failure, as alone."""
+    if len(entries) == 1:
+        return [execute(entries[0])]
+    specs = [RunSpec.from_dict(entry["run"], where=f"sweep run {entry['id']}") for entry in entries]
+    done = run_batched(specs)
+    return [
+        diverged(entry, one.metrics["diverged"]) if "diverged" in one.metrics else result(entry, one)
+        for entry, one in zip(entries, done, strict=True)
+    ]
 
 
 def batch_key(entry: dict) -> str | None:
     """Grid runs with the same key may train together (same method and prompts; SGD); None: alone."""
     spec = entry["run"]
-    if entry["stage"] != "grid" or not get_method(spec["method"])[0].batchable or spec["train"]["optimizer"] != "sgd":
+    prompt = from_dict(PromptConfig, spec["prompt"]) if spec["prompt"] is not None else None
+    if entry["stage"] != "grid" or spec["train"]["optimizer"] != "sgd" or why_not_batched(spec["method"], prompt):
         return None
     return repr((spec["method"], spec["prompt"]))
 
@@ -43,6 +46,11 @@ def batch_key(entry: dict) -> str | None:
 def result(entry: dict, done: RunResult) -> dict:
     """What ``runs/<id>.json`` holds: the entry, the metrics and the run's figures."""
     return {"entry": _public(entry), **done.summary()}
+
+
+def diverged(entry: dict, why: str) -> dict:
+    """The result of a run that diverged: scored as a failure (it loses the grid), nothing saved."""
+    return {"entry": _public(entry), "metrics": {"diverged": why, "val_accuracy": None, "test_accuracy": None}}
 
 
 def _public(entry: dict) -> dict:

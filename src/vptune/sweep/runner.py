@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..files import write_atomic, write_json
+from ..runs import canonical_entry
 from .executors import Executor, run_locally
 from .halving import run_halving
 from .plan import SweepPlan
@@ -142,7 +143,8 @@ def _task_folder(out: Path, entry: dict) -> str | None:
 
 
 def _read_result(out: Path, entry: dict) -> dict | None:
-    """A finished run's result, if it was written for this very entry (a changed spec runs again)."""
+    """A finished run's result, if it was written for this very entry (a changed spec runs again; a method recorded
+    under a named recipe's name counts as the method and options it stands for)."""
     path = out / "runs" / f"{entry['id']}.json"
     if not path.is_file():
         return None
@@ -150,4 +152,5 @@ def _read_result(out: Path, entry: dict) -> dict | None:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None  # a torn write from an interrupted run: run it again
-    return result if result.get("entry") == entry else None
+    recorded = result.get("entry")
+    return result if isinstance(recorded, dict) and canonical_entry(recorded) == entry else None

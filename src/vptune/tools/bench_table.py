@@ -1,8 +1,8 @@
 """The bench table and figures of finished runs, gathered from one or more result folders, training nothing.
 
-    python benchmarks/bench_table.py benchmarks/results/bench-cpu-designs --budget cpu --seeds 3 \\
-        --tasks cifar10,eurosat --methods vpt-deep,linear,full --source full=benchmarks/results/bench-gpu-cpu3 \\
-        --out benchmarks/results/bench-cpu-designs/table
+    python -m vptune.tools.bench_table results/bench-cpu-designs --budget cpu --seeds 3 \\
+        --tasks cifar10,eurosat --methods vpt-deep,linear,full --source full=results/bench-gpu-cpu3 \\
+        --out results/bench-cpu-designs/table
 
 Each cell (task, method) is read from ``<root>/<task>/<method>/runs/*.json`` (the ``runs/`` a sweep or
 ``vptune bench`` writes), ``root`` being the first folder or, for a method named in ``--source``, that folder. The
@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vptune.bench import plan_bench, run_bench
-from vptune.data import open_task
+from ..bench import plan_bench, run_bench
+from ..data import open_task
 
 OUTPUTS = ("bench.md", "bench.csv", "bench.json", "accuracy.png", "tradeoff.png")
 DETAIL_HEADER = (

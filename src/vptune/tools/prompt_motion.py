@@ -1,6 +1,6 @@
 """How far each block's prompts moved in training: a run folder's trained prompts against the ones it started from.
 
-    python benchmarks/prompt_motion.py runs/bench/cifar10/vpt-deep+tokens/tasks/final-lr0.1-wd0.0001-p10-s0 [...]
+    python -m vptune.tools.prompt_motion runs/bench/cifar10/vpt-deep+tokens/tasks/final-lr0.1-wd0.0001-p10-s0 [...]
 
 The starting prompts are rebuilt from the run's own config.json (its seed; for init "tokens" the draw from its train
 split), so nothing but the finished run folder is needed. Per prompted block: the median token norm at the start and
@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-import vptune
-from vptune.data import TaskData
-from vptune.engine import load_splits
-from vptune.prototypes import init_from_tokens
-from vptune.runs import RunSpec
+from ..backbones import load_backbone
+from ..data import TaskData, open_task
+from ..engine import load_splits
+from ..methods import build
+from ..model import TaskModel
+from ..prototypes import init_from_tokens
+from ..runs import RunSpec
+from ..taskfile import load_task
 
 
 def read_spec(path: Path) -> RunSpec:
@@ -33,11 +36,11 @@ def read_spec(path: Path) -> RunSpec:
     return RunSpec.from_dict(data.get("resolved", data), where=str(path))
 
 
-def starting_model(spec: RunSpec) -> tuple[vptune.TaskModel, TaskData]:
+def starting_model(spec: RunSpec) -> tuple[TaskModel, TaskData]:
     """The model ``spec`` starts training from (token prompts drawn, as training would draw them), and its task."""
-    task = vptune.open_task(spec.data)
-    backbone = vptune.load_backbone(spec.backbone)
-    model = vptune.build(spec.method, backbone, task.num_classes, spec.prompt, spec.image_size, spec.train.seed,
+    task = open_task(spec.data)
+    backbone = load_backbone(spec.backbone)
+    model = build(spec.method, backbone, task.num_classes, spec.prompt, spec.image_size, spec.train.seed,
                          classes=task.classes, protocol=task.protocol, head_init=spec.head_init,
                          head_norm=spec.head_norm, **spec.options)  # fmt: skip
     if model.prompts.tokens_pending:
@@ -54,7 +57,7 @@ def starting_prompts(folder: Path) -> torch.Tensor:
 
 def motion(folder: Path) -> list[dict]:
     start = starting_prompts(folder)
-    end = vptune.load_task(folder).prompts.embeddings.detach()[0]
+    end = load_task(folder).prompts.embeddings.detach()[0]
     rows = []
     for block, (a, b) in enumerate(zip(start, end, strict=True)):
         cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)

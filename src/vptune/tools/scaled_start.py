@@ -1,6 +1,6 @@
 """Train a recorded run again with its starting prompts scaled: does a deep prompt's starting norm matter?
 
-    python benchmarks/scaled_start.py runs/bench/cifar10/vpt-deep/runs/final-lr0.1-wd0.0001-p10-s0.json --scale 0.333
+    python -m vptune.tools.scaled_start runs/bench/cifar10/vpt-deep/runs/final-lr0.1-wd0.0001-p10-s0.json --scale 0.333
 
 With the ``cls`` read-out, multiplying VPT-Deep's prompts by a positive factor changes nothing the model computes
 (tests/test_designs.py), only how far each step turns them: a token of norm r turns by about 1/r radians per step of
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from prompt_motion import read_spec, starting_model
 
-import vptune
+from ..loop import fit
+from .prompt_motion import read_spec, starting_model
 
 
 def rescale(prompts: torch.Tensor, scale: float | None = None, norm: float | None = None) -> None:
@@ -39,7 +39,7 @@ def train_scaled(path: Path, scale: float | None = None, norm: float | None = No
     spec = read_spec(path)
     model, task = starting_model(spec)
     rescale(model.prompts.embeddings, scale, norm)
-    return vptune.fit(model, task, spec.train.for_method(model.method))
+    return fit(model, task, spec.train.for_method(model.method))
 
 
 def main() -> int:
