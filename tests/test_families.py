@@ -102,3 +102,14 @@ def test_stacked_prompts_serve_each_samples_own_task(case: str) -> None:
     with torch.no_grad():
         for row, (logits, index) in enumerate(zip(served(x, ids), ids.tolist(), strict=True)):
             torch.testing.assert_close(logits, tasks[index].eval()(x[row : row + 1])[0], atol=1e-5, rtol=0)
+
+
+def test_a_family_that_does_not_answer_the_protocol_says_how_to() -> None:
+    class Unanswered(vptune.Backbone):
+        family = "unanswered"
+
+    backbone = Unanswered(family_backbone("vit").model, "x", (0.5,) * 3, (0.5,) * 3, SIZE)
+    with pytest.raises(NotImplementedError, match=r"does not answer Backbone.resolve_prompt: .*TokenBackbone"):
+        vptune.build("vpt-deep", backbone, CLASSES, image_size=SIZE)
+    with pytest.raises(NotImplementedError, match="does not answer Backbone.blocks"):
+        backbone.blocks  # noqa: B018

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -123,17 +124,17 @@ class Backbone(nn.Module):
     @property
     def patch_embed(self) -> nn.Conv2d:
         """The first convolution (a Transformer's patch embedding: kernel = stride = patch size)."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     @property
     def blocks(self) -> nn.ModuleList:
         """The blocks (a ConvNet's stages), in order."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     @property
     def norm(self) -> nn.Module:
         """The final norm."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     def block_width(self, index: int) -> int:
         """Block ``index``'s width (the same for every block of a plain ViT)."""
@@ -146,27 +147,27 @@ class Backbone(nn.Module):
     # --- the network without prompts ----------------------------------------------------------------------------
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, C, H, W) as what enters block 0."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     def run_block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block ``index`` on what the block before it gave."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's own output (a Transformer: every token after the final norm; a ConvNet: pooled features)."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     # --- prompting: the one protocol ----------------------------------------------------------------------------
     def resolve_prompt(self, config: PromptConfig) -> PromptConfig:
         """``config`` with the family's defaults for what it leaves unset (``location``, ``readout``), or a
         ``ValueError`` saying why the family cannot take it and what to use instead. Idempotent."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     def new_prompts(
         self, config: PromptConfig, preprocessing: Preprocessing, generator: torch.Generator | None = None
     ) -> PromptModule | None:
         """The prompts of a resolved ``config`` on this family (None when it inserts none), drawn with ``generator``."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     def prompted_backbone(self, config: PromptConfig, generator: torch.Generator | None = None) -> Backbone:
         """The backbone a resolved ``config``'s prompts run on: this one, or a copy they change (an input layer
@@ -175,13 +176,22 @@ class Backbone(nn.Module):
 
     def prompted_input(self, pixel_values: torch.Tensor, run: PromptPass) -> torch.Tensor:
         """What enters block 0 with the prompts that enter before it (pixels around the image, extra channels)."""
-        raise NotImplementedError
+        raise self._unanswered()
 
     def prompted_features(self, hidden: torch.Tensor, start: int, run: PromptPass) -> torch.Tensor:
         """Blocks ``start..N-1`` on ``hidden`` (:meth:`prompted_input`'s output for ``start`` 0, or a cached block
         input) with ``run``'s prompts, then the final norm and the read-out ``run.config.readout``: features (B, d)
         for the head."""
-        raise NotImplementedError
+        raise self._unanswered()
+
+    def _unanswered(self) -> NotImplementedError:
+        """The error of a protocol call a family does not answer, naming the call and how to answer it."""
+        call = inspect.stack()[1].function
+        return NotImplementedError(
+            f"{type(self).__name__} ({self.family}) does not answer Backbone.{call}: a Transformer on tokens "
+            "subclasses vptune.backbones.TokenBackbone, which answers the whole protocol; any other family provides "
+            "each call (docs/design.md, 'Adding a backbone family')"
+        )
 
     # --- shared behaviour ---------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
