@@ -100,10 +100,10 @@ def row_norms(tensors: list[torch.Tensor], rows: int) -> torch.Tensor:
     """The 2-norm of row k of all ``tensors`` together, for each k: (rows,) (rows 1: the norm of them all)."""
     if rows == 1:
         return torch.nn.utils.get_total_norm([tensor.detach() for tensor in tensors]).reshape(1)
-    total = torch.zeros(rows, dtype=torch.float64)
+    total = torch.zeros(rows, dtype=torch.float64, device=tensors[0].device if tensors else None)
     for tensor in tensors:
         norms = torch.linalg.vector_norm(tensor.detach().reshape(rows, -1), dim=1)
-        total = total.to(norms.device) + norms.double().square()
+        total = total + norms.double().square()
     return total.sqrt()
 
 
@@ -141,7 +141,7 @@ def _backward(trainee: Trainee, live: list[int], losses: torch.Tensor, where: di
     for param in trainee.params:
         param.grad = None
     torch.where(sound, losses, torch.zeros_like(losses)).sum().backward()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainee.params]
+    grads = [p.grad for p in trainee.params if p.grad is not None]  # a tensor the loss did not reach adds 0
     norms = row_norms(grads, trainee.rows)[live if trainee.stacked else [0]].to(losses.device)
     bad = (~sound | ~torch.isfinite(norms)).float()
     if dist.is_initialized():

@@ -65,10 +65,10 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        method = get_method(self.method)[0]  # an unknown method fails before any work
-        if canonical_name(self.method) != self.method:  # a recipe: recorded as its method and prompt options
+        method, canonical = get_method(self.method)[0], canonical_name(self.method)  # an unknown one fails here
+        if canonical != self.method:  # a recipe: recorded as its method and prompt options
             self.prompt = self.prompt or method.prompt_config()
-            self.method = canonical_name(self.method)
+            self.method = canonical
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"RunSpec: image_size must be >= 1, got {self.image_size}")
 
