@@ -323,12 +323,34 @@ def test_layers_flag_selects_the_blocks(tmp_path, saved_backbone, tiny_task, lay
 
 def test_serve_command_passes_its_limits_on(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(commands, "serve_folders", lambda *args: seen.update(args=args))
+    monkeypatch.setattr(commands, "serve_folders", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
     argv = ["serve", str(tmp_path), "--max-batch", "3", "--max-wait-ms", "7", "--top-k", "2", "--port", "8123"]
     assert main(argv) == 0
     paths, backbone, host, port, config = seen["args"]
     assert (paths, backbone, host, port) == ([str(tmp_path)], None, "127.0.0.1", 8123)
     assert (config.max_batch, config.max_wait_ms, config.top_k) == (3, 7.0, 2)
+    assert seen["kwargs"] == {"lazy": False, "max_resident": None}
+    assert main(["serve", "--lazy", "--task-root", str(tmp_path), "--max-resident", "5"]) == 0
+    assert seen["args"][0] == [] and seen["args"][4].task_root == str(tmp_path)
+    assert seen["kwargs"] == {"lazy": True, "max_resident": 5}
+    monkeypatch.setattr(commands, "serve_ray", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    assert main(["serve", "--backend", "ray", "--task-root", str(tmp_path), "--replicas", "3"]) == 0
+    assert seen["args"][:2] == (str(tmp_path), None)
+    assert seen["kwargs"] == {"max_resident": None, "replicas": 3, "address": None}
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["serve", "--lazy"], "--task-root"),
+        (["serve"], "name task folders"),
+        (["serve", "x", "--max-resident", "3"], "--lazy"),
+        (["serve", "--backend", "ray"], "--task-root"),
+    ],
+)
+def test_serve_command_says_what_is_missing(argv, words, capsys):
+    assert main(argv) != 0
+    assert words in capsys.readouterr().err
 
 
 def test_predict_reports_bad_images_beside_the_good_ones(tmp_path, saved_backbone, tiny_task, capsys):

@@ -141,7 +141,7 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(server, tmp_path) -> 
     cases = [
         (httpx.post(f"{server}/predict", files={"image": ("x.png", b"not an image", "image/png")}), 400, "decoded"),
         (httpx.post(f"{server}/predict", files={"image": ("x.png", b"\0" * 60_000, "image/png")}), 413, "larger"),
-        (httpx.post(f"{server}/predict", files=image, data={"task": "nope"}), 404, "unknown task"),
+        (httpx.post(f"{server}/predict", files=image, data={"task": "nope"}), 404, "no task named"),
         (httpx.post(f"{server}/predict", data={"task": "shallow"}), 400, "'image'"),
         (
             httpx.post(f"{server}/predict", content=b"{}", headers={"content-type": "application/json"}),

@@ -257,8 +257,17 @@ def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
 
 def _serve(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("runs", metavar="RUN", nargs="+", help="task folders, or folders holding task folders")
+    add("runs", metavar="RUN", nargs="*", help="task folders, or folders holding task folders")
     add("--backbone", help="backbone spec (default: the one the first task records)")
+    add("--lazy", action="store_true", help="serve every task folder under --task-root, each loaded on first request")
+    add("--max-resident", type=int, metavar="N", help="with --lazy: most tasks kept loaded (default: no bound)")
+    add(
+        "--backend", choices=("local", "ray"), default="local",
+        help="local: one process (default); ray: a Ray Serve application over --task-root, requests routed to a "
+        "replica holding their task (header serve_multiplexed_model_id)",
+    )  # fmt: skip
+    add("--replicas", type=int, default=1, help="with --backend ray: replicas, each holding the backbone (default: 1)")
+    add("--ray-address", help="with --backend ray: the Ray cluster to join (default: start a local Ray)")
     add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     add("--port", type=int, default=8000, help="port (default: 8000)")
     for field in dataclasses.fields(ServeConfig):

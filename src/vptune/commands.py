@@ -22,6 +22,7 @@ from .engine import evaluate as evaluate_model
 from .methods import METHODS, get_method
 from .model import TaskModel
 from .preprocessing import DataError
+from .ray_serve import serve_ray
 from .report import file_bytes, human_bytes, markdown_table, params_multiple, task_summary, top_classes
 from .runs import RunResult, RunSpec, run, used_splits
 from .serve import ServeConfig, serve_folders
@@ -235,7 +236,20 @@ class _RunProgress:
 def serve(args: argparse.Namespace) -> int:
     """Serve task folders over one frozen backbone: GET /tasks, POST /predict, POST/DELETE /tasks, /health, /metrics."""
     config = ServeConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeConfig)})
-    serve_folders(args.runs, args.backbone, args.host, args.port, config)
+    if args.backend == "ray":
+        if config.task_root is None or args.runs:
+            raise ValueError("--backend ray serves the task folders under --task-root DIR (no RUN folders): give it")
+        options = {"max_resident": args.max_resident, "replicas": args.replicas, "address": args.ray_address}
+        serve_ray(config.task_root, args.backbone, args.host, args.port, config, **options)
+        return 0
+    if args.lazy and config.task_root is None:
+        raise ValueError("--lazy serves the task folders under --task-root DIR: give it")
+    if not args.runs and not args.lazy:
+        raise ValueError("name task folders to serve, or --lazy --task-root DIR to serve every one under DIR")
+    if args.max_resident is not None and not args.lazy:
+        raise ValueError("--max-resident bounds what --lazy loads: add --lazy --task-root DIR")
+    lazy = {"lazy": args.lazy, "max_resident": args.max_resident}
+    serve_folders(args.runs, args.backbone, args.host, args.port, config, **lazy)
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, PromptPass
+from .backbones.context import ContextCache
 from .head import HEAD_INIT, HEAD_NORM, Head
 from .preprocessing import Preprocessing
 from .prompts import PromptConfig, PromptModule
@@ -83,6 +84,7 @@ class TaskModel(nn.Module):
         if len(self.classes) != self.num_classes:
             raise ValueError(f"{len(self.classes)} class names given for a model with {self.num_classes} classes")
         self.skip_unread = skip_unread
+        self.context_cache: ContextCache | None = None  # set by a server (MultiTask): prompt keys and values kept
         self._recompute = 0  # blocks recomputed in the backward pass (see recomputing)
 
     @property
@@ -118,7 +120,8 @@ class TaskModel(nn.Module):
 
     def _pass(self, task_ids: torch.Tensor | None, prompted: bool = True) -> PromptPass:
         prompts = self.prompts if prompted else None
-        return PromptPass(self.prompt_config, prompts, task_ids, self._recompute, self.skip_unread)
+        cache = self.context_cache if prompted else None
+        return PromptPass(self.prompt_config, prompts, task_ids, self._recompute, self.skip_unread, cache)
 
     def forward(
         self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None, *, start: int = 0

@@ -13,12 +13,13 @@ import asyncio
 import hmac
 import io
 import json
-import re
+import os
 import threading
 import time
 import warnings
 from collections import deque
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +36,10 @@ except ImportError:  # pragma: no cover - checked in create_app
 from .backbones import load_backbone
 from .config import check_fields, option
 from .httpguard import BodyLimit, Guard, Metrics, TooLarge
-from .multitask import MultiTask
+from .multitask import TASK_NAME, MultiTask, TaskInfo, TaskNotFound
 from .preprocessing import DataError, Preprocessing
 from .report import top_classes
-from .taskfile import RECORD, read_record
+from .taskfile import RECORD, TaskFileError, read_record
 
 _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
 
@@ -55,7 +56,9 @@ class ServeConfig:
     max_tasks: int = option(16, "most tasks one request may ask for")
     decode_workers: int = option(2, "images decoded at once (bounds what decoding takes in memory)")
     admin_token: str | None = option(None, "token for POST/DELETE /tasks (Authorization: Bearer ...); none: off")
-    task_root: str | None = option(None, "folder every task added over HTTP must lie in; none: any folder")
+    task_root: str | None = option(
+        None, "folder every task added over HTTP must lie in (with --lazy: every task folder under it is served)"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -67,7 +70,6 @@ class ServeConfig:
             raise ValueError("ServeConfig: admin_token must be at least 16 characters")
 
 
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ROUTES = ("/health", "/tasks", "/predict", "/metrics", "/metrics.json")
 
 
@@ -144,28 +146,48 @@ class Batcher:
 
     def _forward(self, batch: list[_Item]) -> None:
         with self.lock:
-            names = self.served.names
-            ready = [item for item in batch if item.task in names]
-            for item in batch:
-                if item.task not in names:
-                    _resolve(item, KeyError(f"task {item.task!r} was removed"))
-            by_size: dict[tuple, list[_Item]] = {}
-            for item in ready:  # tasks with different input sizes run as separate batches
-                by_size.setdefault(tuple(item.pixels.shape), []).append(item)
-            for items in by_size.values():
-                try:
-                    pixels = torch.stack([item.pixels for item in items])
-                    logits = self.served(pixels, [names.index(item.task) for item in items])
-                except Exception as error:  # a failed batch answers its requests with the error
-                    for item in items:
-                        _resolve(item, error)
-                    continue
-                self.stats.batches += 1
-                self.stats.batch_sizes.append(len(items))
-                if self.metrics is not None:
-                    self.metrics.batch.observe(len(items))
-                for item, values in zip(items, logits, strict=True):
-                    _resolve(item, values)
+            answers, runs = answer_batch(self.served, [item.pixels for item in batch], [item.task for item in batch])
+        for size in runs:
+            self.stats.batches += 1
+            self.stats.batch_sizes.append(size)
+            if self.metrics is not None:
+                self.metrics.batch.observe(size)
+        for item, answer in zip(batch, answers, strict=True):
+            _resolve(item, answer)
+
+
+def answer_batch(
+    served: MultiTask, pixels: list[torch.Tensor], names: list[str]
+) -> tuple[list[torch.Tensor | BaseException], list[int]]:
+    """Each image's logits with its task, or the error its task gives (a task removed, or damaged on disk since its
+    request came: that request alone fails); and the size of each model run (one per input size).
+
+    Tasks are made resident one by one first, so that one task's folder never fails another's request; images of
+    different input sizes run as separate batches.
+    """
+    answers: list[torch.Tensor | BaseException | None] = [None] * len(names)
+    ready: dict[tuple, list[int]] = {}
+    for index, name in enumerate(names):
+        try:
+            served.info(name)
+        except TaskNotFound:
+            answers[index] = TaskNotFound(f"task {name!r} was removed")
+        except (ValueError, OSError) as error:
+            answers[index] = error
+        else:
+            ready.setdefault(tuple(pixels[index].shape), []).append(index)
+    runs = []
+    for rows in ready.values():
+        try:
+            logits = served(torch.stack([pixels[row] for row in rows]), [names[row] for row in rows])
+        except Exception as error:  # a failed batch answers its requests with the error
+            for row in rows:
+                answers[row] = error
+            continue
+        runs.append(len(rows))
+        for row, values in zip(rows, logits, strict=True):
+            answers[row] = values
+    return answers, runs  # type: ignore[return-value]
 
 
 def _resolve(item: _Item, value) -> None:
@@ -208,7 +230,11 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
 
     @app.get("/tasks")
     async def tasks() -> dict:
-        return {"tasks": [_describe(name, model) for name, model in zip(served.names, served.models, strict=True)]}
+        """The resident tasks described; under a task root also every servable name (listed, nothing loaded)."""
+        resident = {"tasks": [_describe(served.info(name)) for name in served.names], "resident": served.names}
+        if served.root is None:
+            return resident
+        return {**resident, "servable": await asyncio.to_thread(served.servable)}
 
     @app.post("/tasks")
     async def add_task(request: Request) -> dict:
@@ -240,16 +266,15 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
             data = await image.read()
         finally:
             await form.close()  # the upload's spooled file
-        models = [served.task(name) for name in names]
-        preprocessings = [model.preprocessing for model in models]
+        with _task_errors():
+            infos = await asyncio.to_thread(_locked, batcher.lock, lambda: [served.info(name) for name in names])
+        preprocessings = [info.preprocessing for info in infos]
         inputs = await asyncio.to_thread(_decode, data, preprocessings, config.max_pixels, decoding)
-        try:
+        with _task_errors():
             logits = await asyncio.gather(*(batcher.predict(x, name) for x, name in zip(inputs, names, strict=True)))
-        except KeyError as error:
-            raise HTTPException(404, _message(error)) from error
         answers = {
-            name: top_classes(values.float().softmax(dim=-1), model.classes, top_k)
-            for name, values, model in zip(names, logits, models, strict=True)
+            info.name: top_classes(values.float().softmax(dim=-1), info.classes, top_k)
+            for values, info in zip(logits, infos, strict=True)
         }
         batcher.stats.requests += 1
         batcher.stats.images += len(names)
@@ -322,13 +347,24 @@ def _predict_request(form, served: MultiTask, config: ServeConfig) -> tuple[Uplo
         raise HTTPException(400, "send the image as the multipart field 'image'")
     if not all(isinstance(name, str) for name in names):
         raise HTTPException(400, "'task' fields must be task names")
+    if not names and served.root is not None:
+        raise HTTPException(400, "name the task(s) to answer with 'task' fields (GET /tasks lists them)")
     names = list(dict.fromkeys(names)) or served.names
     if len(names) > config.max_tasks:
         raise HTTPException(400, f"{len(names)} tasks asked: name at most {config.max_tasks} in one request")
-    unknown = [name for name in names if name not in served.names]
-    if unknown:
-        raise HTTPException(404, f"unknown task(s) {unknown}; serving: {', '.join(served.names)}")
     return image, names, _top_k(form.get("top_k"), config.top_k)
+
+
+@contextmanager
+def _task_errors() -> Iterator[None]:
+    """A task that is not served is a 404; one whose folder cannot be served (damaged, another backbone, a method
+    that changes the backbone) a 422 naming the problem: never a 5xx, and other tasks are not affected."""
+    try:
+        yield
+    except KeyError as error:
+        raise HTTPException(404, _message(error)) from error
+    except (ValueError, OSError) as error:
+        raise HTTPException(422, _message(error)) from error
 
 
 def _message(error: BaseException) -> str:
@@ -380,13 +416,13 @@ def _decode(
     return [inputs[prep] for prep in preprocessings]
 
 
-def _describe(name: str, model) -> dict:
+def _describe(info: TaskInfo) -> dict:
     return {
-        "name": name,
-        "method": model.method,
-        "classes": model.classes,
-        "image_size": model.image_size,
-        "prompt_tokens": model.prompt_config.num_tokens,
+        "name": info.name,
+        "method": info.method,
+        "classes": info.classes,
+        "image_size": info.image_size,
+        "prompt_tokens": info.prompt_config.num_tokens,
     }
 
 
@@ -402,7 +438,6 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     wins; on other C libraries this does nothing. Returns whether the cap was set."""
     import ctypes
     import ctypes.util
-    import os
 
     if "MALLOC_ARENA_MAX" in os.environ or not ctypes.util.find_library("c"):
         return False
@@ -414,20 +449,55 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return bool(mallopt(M_ARENA_MAX, arenas))
 
 
-def serve_folders(paths: list[str], backbone: str | None, host: str, port: int, config: ServeConfig) -> None:
-    """Load the task folders (or folders of task folders) on one backbone and serve them until interrupted."""
+def serve_folders(
+    paths: list[str],
+    backbone: str | None,
+    host: str,
+    port: int,
+    config: ServeConfig,
+    *,
+    lazy: bool = False,
+    max_resident: int | None = None,
+) -> None:
+    """Serve task folders (or folders of task folders) on one backbone until interrupted; with ``lazy``, every task
+    folder under ``config.task_root``, each loaded on its first request (see :func:`served_tasks`)."""
     import uvicorn
 
     limit_malloc_arenas()
+    served = served_tasks(paths, backbone, config.task_root if lazy else None, max_resident)
+    uvicorn.run(create_app(served, config), host=host, port=port, log_level="warning")
+
+
+def served_tasks(
+    paths: list[str], backbone: str | None, root: str | None = None, max_resident: int | None = None
+) -> MultiTask:
+    """What ``vptune serve`` serves: the task folders in ``paths`` loaded now, and with a ``root`` every task folder
+    under it on demand (startup lists nothing and reads no task file but, without ``backbone``, the first record
+    found, for its backbone)."""
     folders = [
         p for path in map(Path, paths) for p in ([path] if (path / RECORD).is_file() else sorted(path.iterdir()))
     ]
     folders = [folder for folder in folders if (folder / RECORD).is_file()]
-    if not folders:
+    if not folders and root is None:
         raise ValueError(f"no task folders (with {RECORD}) in {paths}")
     bad = [folder.name for folder in folders if not TASK_NAME.fullmatch(folder.name)]
     if bad:
         raise ValueError(f"task folder names {bad} cannot be task names: use letters, digits, '.', '_' or '-'")
-    spec = backbone or read_record(folders[0])["backbone"]["spec"]
-    served = MultiTask(load_backbone(spec), folders)
-    uvicorn.run(create_app(served, config), host=host, port=port, log_level="warning")
+    if root is not None and not Path(root).is_dir():
+        raise ValueError(f"task root {root} is not a folder")
+    spec = backbone or _recorded_backbone(folders[0] if folders else None, Path(root) if root else None)
+    return MultiTask(load_backbone(spec), folders, root=root, max_resident=max_resident)
+
+
+def _recorded_backbone(folder: Path | None, root: Path | None) -> str:
+    """The backbone spec a task folder records: ``folder``'s, else the first readable one's under ``root``."""
+    if folder is not None:
+        return read_record(folder)["backbone"]["spec"]
+    for place, dirs, files in os.walk(root):
+        dirs.sort()
+        if RECORD in files:
+            try:
+                return read_record(place)["backbone"]["spec"]
+            except TaskFileError:
+                continue  # a damaged folder is refused when asked for; it names no backbone
+    raise ValueError(f"no readable task folder (with {RECORD}) under {root}: pass --backbone to start with none")

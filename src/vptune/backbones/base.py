@@ -13,13 +13,16 @@ import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from ..prompts import PromptConfig, PromptModule
+
+if TYPE_CHECKING:
+    from .context import ContextCache
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class PromptPass:
         task_ids: each sample's task (row of the prompts), or None for a one-task model.
         recompute: blocks before this one are recomputed in the backward pass (gradient checkpointing).
         skip_unread: compute no block output that nothing reads (False: every output, the reference).
+        cache: where a served model keeps the keys and values of prompts that enter as keys and values alone
+            (:class:`~vptune.backbones.context.ContextCache`), or None: computed in every batch.
     """
 
     config: PromptConfig
@@ -39,6 +44,7 @@ class PromptPass:
     task_ids: torch.Tensor | None = None
     recompute: int = 0
     skip_unread: bool = True
+    cache: ContextCache | None = None
 
 
 class Backbone(nn.Module):
@@ -183,6 +189,12 @@ class Backbone(nn.Module):
         input) with ``run``'s prompts, then the final norm and the read-out ``run.config.readout``: features (B, d)
         for the head."""
         raise self._unanswered()
+
+    def context_key_values(self, index: int, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The keys and values block ``index``'s attention makes of ``context`` (tokens that take part as keys and
+        values alone), for a served model to keep; None where the family does not say (then they are computed in
+        every batch)."""
+        return None
 
     def _unanswered(self) -> NotImplementedError:
         """The error of a protocol call a family does not answer, naming the call and how to answer it."""

@@ -39,11 +39,15 @@ def flat_features(backbone: TokenBackbone, hidden: torch.Tensor, start: int, run
     num_prompts = 0
     for index in range(start, backbone.depth):
         prompted = index in layers
-        context = _context(backbone, prompts, config, index, hidden, num_prompts, task_ids) if skip_unread else None
-        if prompted and context is None:
+        as_context = skip_unread and _is_context(backbone, prompts, config, index, hidden.shape[1], num_prompts)
+        cached = run.cache.key_values(backbone, prompts, index, task_ids) if as_context and run.cache else None
+        context = None
+        if as_context and cached is None:
+            context = prompts.tokens(index, task_ids, backbone, hidden.shape[0]).to(hidden.dtype)
+        if prompted and not as_context:
             hidden, num_prompts = prompts.insert(index, hidden, num_prompts, task_ids, backbone)
         skip = unread(backbone, config, layers, index, hidden.shape[1], num_prompts) if skip_unread else None
-        kv = prompts.key_values(index, task_ids, hidden.shape[0]) if prompted else None
+        kv = _joined(cached, prompts.key_values(index, task_ids, hidden.shape[0]) if prompted else None)
         args = (index, hidden, skip, context) + ((kv,) if kv is not None else ())  # a family without kv: its own
         if index < run.recompute and torch.is_grad_enabled():
             hidden = checkpoint(backbone.run_block, *args, use_reentrant=False)
@@ -73,28 +77,30 @@ def unread(
     return (prefix, prefix + num_prompts) if num_prompts and replaced else None
 
 
-def _context(
-    backbone: TokenBackbone,
-    prompts: Prompts | None,
-    config: PromptConfig,
-    index: int,
-    hidden: torch.Tensor,
-    num_prompts: int,
-    task_ids: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Block ``index``'s prompts as keys and values alone, when nothing reads their outputs; else None (inserted).
-
-    Then the sequence never holds them: no concatenation per block, and the same logits and gradients.
-    """
+def _is_context(
+    backbone: TokenBackbone, prompts: Prompts | None, config: PromptConfig, index: int, length: int, num_prompts: int
+) -> bool:
+    """Whether block ``index``'s prompts take part as keys and values alone (nothing reads their outputs) rather
+    than being inserted: then the sequence never holds them, with the same logits and gradients."""
     if prompts is None or index not in prompts.layers:
-        return None
+        return False
     prefix = backbone.num_prefix_tokens
     if num_prompts or config.location not in ("prepend", "prepend-pixel"):
-        return None
-    skipped = unread(backbone, config, prompts.layers, index, hidden.shape[1] + config.num_tokens, config.num_tokens)
-    if skipped is None or not skipped[0] <= prefix < prefix + config.num_tokens <= skipped[1]:
-        return None
-    return prompts.tokens(index, task_ids, backbone, hidden.shape[0]).to(hidden.dtype)
+        return False
+    skipped = unread(backbone, config, prompts.layers, index, length + config.num_tokens, config.num_tokens)
+    return skipped is not None and skipped[0] <= prefix < prefix + config.num_tokens <= skipped[1]
+
+
+def _joined(first: tuple | None, second: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two sets of extra keys and values as one (attention does not depend on their order)."""
+    if first is None or second is None:
+        return first or second
+    batch = max(first[0].shape[0], second[0].shape[0])
+    keys, values = (
+        torch.cat([a.expand(batch, -1, -1), b.to(a.dtype).expand(batch, -1, -1)], dim=1)
+        for a, b in zip(first, second, strict=True)
+    )
+    return keys, values
 
 
 def read_out(tokens: torch.Tensor, readout: str, num_prefix: int, num_prompts: int) -> torch.Tensor:

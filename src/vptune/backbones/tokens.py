@@ -139,6 +139,16 @@ class TokenBackbone(Backbone):
         hidden = drop_tokens(tokens, skip) + _scaled(block, "layer_scale1", parts["o"](attended))
         return hidden + _scaled(block, "layer_scale2", parts["mlp"](parts["norm2"](hidden)))
 
+    def context_key_values(self, index: int, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``k(norm1(context))`` and ``v(norm1(context))`` of block ``index``: what :meth:`_pre_norm_block` makes of a
+        context, (T, n, d) each; None for a block it does not run (another layout, or the backbone's dropout on)."""
+        block = self.blocks[index]
+        if type(block).__name__ not in self.block_classes or self.training:
+            return None
+        parts = self.part_paths(block)
+        normed = block.get_submodule(parts["norm1"])(context)
+        return block.get_submodule(parts["k"])(normed), block.get_submodule(parts["v"])(normed)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's own output: every token after the final norm, (B, prefix + #patches, d)."""
         tokens = self.embed(pixel_values)
