@@ -250,7 +250,8 @@ def main() -> None:
         return
     work = Path(args.work)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    results: dict = {"command": " ".join(sys.argv), "commit": commit, "machine": machine(), "multitask": [], "server": []}
+    results: dict = {"command": " ".join(sys.argv), "commit": commit, "machine": machine()}
+    results.update(multitask=[], server=[])
 
     def save() -> None:
         if args.json:
