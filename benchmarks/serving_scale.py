@@ -243,6 +243,9 @@ def main() -> None:
     parser.add_argument("--max-resident", type=int, default=100)
     parser.add_argument("--work", default="/tmp/vptune-serving-scale", help="where the task folders are made")
     parser.add_argument("--json", help="write the results here (rewritten after each step)")
+    parser.add_argument(
+        "--steps", nargs="+", default=["multitask", "server", "bounded"], choices=["multitask", "server", "bounded"]
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -260,20 +263,23 @@ def main() -> None:
 
     for count in args.tasks:
         root = make_root(args.backbone, args.image_size, count, work)
-        worker = [sys.executable, __file__, "--worker", str(root), "--backbone", args.backbone]
-        worker += ["--image-size", str(args.image_size), "--repeats", str(args.repeats)]
-        measured = json.loads(subprocess.run(worker, capture_output=True, text=True, check=True).stdout)
-        results["multitask"].append(measured)
-        print("multitask", json.dumps(measured), flush=True)
+        if "multitask" in args.steps:
+            worker = [sys.executable, __file__, "--worker", str(root), "--backbone", args.backbone]
+            worker += ["--image-size", str(args.image_size), "--repeats", str(args.repeats)]
+            measured = json.loads(subprocess.run(worker, capture_output=True, text=True, check=True).stdout)
+            results["multitask"].append(measured)
+            print("multitask", json.dumps(measured), flush=True)
+            save()
+        if "server" in args.steps:
+            latency = {"tasks": count, **server_latency(args.backbone, root, args.image_size, args.requests)}
+            results["server"].append(latency)
+            print("server", json.dumps(latency), flush=True)
+            save()
+    if "bounded" in args.steps:
+        largest = make_root(args.backbone, args.image_size, max(args.tasks), work)
+        results["bounded"] = server_bounded(args.backbone, largest, args.image_size, args.max_resident, 500)
+        print("bounded", json.dumps(results["bounded"]), flush=True)
         save()
-        latency = {"tasks": count, **server_latency(args.backbone, root, args.image_size, args.requests)}
-        results["server"].append(latency)
-        print("server", json.dumps(latency), flush=True)
-        save()
-    largest = make_root(args.backbone, args.image_size, max(args.tasks), work)
-    results["bounded"] = server_bounded(args.backbone, largest, args.image_size, args.max_resident, 500)
-    print("bounded", json.dumps(results["bounded"]), flush=True)
-    save()
 
 
 def machine() -> str:

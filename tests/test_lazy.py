@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -264,8 +265,13 @@ def test_lazy_server_refuses_damaged_and_foreign_tasks_alone(root, tmp_path) -> 
     vptune.save_task(trained_looking(tiny_backbone("dinov2", seed=1), "linear", 2, seed=0), mine / "foreign")
     vptune.save_task(vptune.build("bias", backbone, 2, image_size=IMAGE), mine / "bias")
     served = MultiTask(backbone, root=mine, max_resident=3)
-    config = ServeConfig(max_batch=8, max_wait_ms=20)
+    config = ServeConfig(max_batch=8, max_wait_ms=300)  # concurrent requests share a batch
     with running(create_app(served, config)) as url:
+        together = ["task0", "task2", "task6", "task4", "customer1/camera1"]
+        with ThreadPoolExecutor(max_workers=len(together)) as pool:
+            statuses = list(pool.map(lambda name: ask(url, name, png(5)).status_code, together))
+        assert statuses == [200, 422, 200, 422, 200]
+        assert httpx.get(f"{url}/metrics.json").json()["max_batch_size"] >= 2
         refusals = {
             "task2": (422, "safetensors"),
             "task4": (422, "not valid JSON"),
@@ -288,3 +294,25 @@ def test_lazy_server_refuses_damaged_and_foreign_tasks_alone(root, tmp_path) -> 
         metrics = httpx.get(f"{url}/metrics.json").json()
         assert not any(status.startswith("5") for status in metrics["responses_by_status"])
     assert len(served.names) <= 3
+
+
+def test_a_task_damaged_after_its_request_fails_that_request_alone(root, tmp_path) -> None:
+    """Between a request's check and its batch, its task folder is rewritten damaged: the batch answers the other
+    samples, and that sample gets the error naming the problem."""
+    from vptune.serve import answer_batch
+
+    backbone, folder, models = root
+    mine = tmp_path / "root"
+    shutil.copytree(folder, mine)
+    served = MultiTask(backbone, root=mine)
+    names = ["task0", "task2", "task6", "task2"]
+    for name in names:
+        served.info(name)
+    (mine / "task2" / "vptune.json").write_text("{")
+    x = pixels(backbone, batch=4, seed=8)
+    answers, runs = answer_batch(served, list(x), names)
+    assert runs == [2]
+    assert isinstance(answers[1], vptune.TaskFileError) and "not valid JSON" in str(answers[1])
+    assert answers[3] is answers[1] or isinstance(answers[3], vptune.TaskFileError)
+    for row in (0, 2):
+        torch.testing.assert_close(answers[row], alone(models[names[row]], x[row]), atol=1e-5, rtol=0)

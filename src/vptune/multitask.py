@@ -137,6 +137,10 @@ class MultiTask(nn.Module):
                         listed.add(name)
         return sorted(listed)
 
+    def resident(self) -> list[TaskInfo]:
+        """The resident tasks, in the order they were added (nothing is loaded or checked)."""
+        return [self._entries[name].info for name in self._added]
+
     def info(self, name: str) -> TaskInfo:
         """A task's classes, method and preprocessing; a task under the root is loaded (or reloaded if its folder
         changed) first."""

@@ -231,7 +231,7 @@ def create_app(served: MultiTask, config: ServeConfig | None = None):
     @app.get("/tasks")
     async def tasks() -> dict:
         """The resident tasks described; under a task root also every servable name (listed, nothing loaded)."""
-        resident = {"tasks": [_describe(served.info(name)) for name in served.names], "resident": served.names}
+        resident = {"tasks": [_describe(info) for info in served.resident()], "resident": served.names}
         if served.root is None:
             return resident
         return {**resident, "servable": await asyncio.to_thread(served.servable)}
