@@ -145,7 +145,7 @@ def start_server(backbone: str, root: Path, max_resident: int | None) -> tuple[s
 
     port = free_port()
     command = [sys.executable, "-m", "vptune.cli", "serve", "--lazy", "--task-root", str(root), "--backbone", backbone]
-    command += ["--port", str(port), "--max-wait-ms", "1"]
+    command += ["--port", str(port), "--max-wait-ms", "5"]
     if max_resident:
         command += ["--max-resident", str(max_resident)]
     begin = time.perf_counter()
@@ -194,16 +194,50 @@ def server_latency(backbone: str, root: Path, size: int, requests: int) -> dict:
             resident = cold[:8]
             warm_ms = [timed_request(client, url, resident[i % len(resident)], image) for i in range(requests)]
             listed = client.get(f"{url}/tasks").json()
+        mixed, single = concurrent_rates(url, resident, image, requests)
         return {
             "start_s": round(start_s, 2),
             "cold": percentiles(cold_ms),
             "resident": percentiles(warm_ms),
             "servable_listed": len(listed["servable"]),
+            "concurrent8_mixed_requests_per_s": mixed,
+            "concurrent8_single_requests_per_s": single,
+            "concurrent_mixed_over_single": round(mixed / single, 3),
             "server_rss_mib": round(rss_mib(process.pid), 1),
         }
     finally:
         process.terminate()
         process.wait()
+
+
+def concurrent_rates(url: str, resident: list[str], image: bytes, requests: int) -> tuple[float, float]:
+    """Requests/s of 8 clients at once, each asking its own resident task (the server's batches mix 8 tasks), against
+    8 clients asking one task; alternated rounds, the median of each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    clients = [httpx.Client(timeout=60) for _ in range(8)]
+
+    def round_of(names: list[str]) -> float:
+        def one(index: int) -> None:
+            for _ in range(requests // 8 // 4):
+                timed_request(clients[index], url, names[index], image)
+
+        begin = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(one, range(8)))
+        return 8 * (requests // 8 // 4) / (time.perf_counter() - begin)
+
+    rates: dict[str, list[float]] = {"mixed": [], "single": []}
+    try:
+        for _ in range(4):
+            rates["mixed"].append(round_of(resident[:8]))
+            rates["single"].append(round_of([resident[0]] * 8))
+    finally:
+        for client in clients:
+            client.close()
+    return round(statistics.median(rates["mixed"]), 2), round(statistics.median(rates["single"]), 2)
 
 
 def server_bounded(backbone: str, root: Path, size: int, max_resident: int, every: int) -> dict:
