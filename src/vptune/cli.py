@@ -276,6 +276,16 @@ def _serve(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(admin_token=os.environ.get("VPTUNE_ADMIN_TOKEN"))  # the flag, else the environment
 
 
+def _export(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("run_dir", metavar="TASK", help="a task folder")
+    add("--format", default="onnx", help="what to write: onnx (the only one so far)")
+    add("--out", required=True, help="the file to write")
+    add("--structure", action="store_true", help="one graph for every task of its prompt structure")
+    add("--int8", action="store_true", help="the backbone's matrix products quantised to int8 (prompts and head fp32)")
+    _add_load_options(parser)
+
+
 def _convert_mocov3(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a MoCo v3 ViT checkpoint (.pth.tar)")
     parser.add_argument("out_folder", metavar="OUT_FOLDER", help="where to write the transformers model folder")
@@ -297,6 +307,7 @@ COMMANDS = {
     "sweep": (_sweep, commands.sweep, "the paper's protocol for one task and method"),
     "bench": (_bench, commands.bench, "tasks x methods: sweeps, table, figures"),
     "serve": (_serve, commands.serve, "serve many tasks over one backbone (HTTP)"),
+    "export": (_export, commands.export, "a task as an ONNX graph (ONNX Runtime, TensorRT ...)"),
     "convert-mocov3": (_convert_mocov3, commands.convert_mocov3, "a MoCo-v3 ViT checkpoint as an hf: backbone folder"),
 }
 

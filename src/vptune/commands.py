@@ -253,6 +253,21 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Write a task as an ONNX graph (a task graph, or its structure's graph), checked against PyTorch before it is
+    reported written."""
+    from .export import check_export, export_onnx
+
+    if args.format != "onnx":
+        raise ValueError(f"--format {args.format!r}: vptune exports onnx (ONNX Runtime, TensorRT through ONNX)")
+    backbone = load_backbone(args.backbone) if args.backbone else None
+    model = load_task(args.run_dir, backbone=backbone, allow_other_backbone=args.allow_other_backbone)
+    out = export_onnx(model, args.out, structure=args.structure, int8=args.int8)
+    difference = check_export(model, out)
+    print(f"wrote {out} ({Path(out).stat().st_size / 2**20:.1f} MiB); max |ONNX Runtime - PyTorch| {difference:.2e}")
+    return 0
+
+
 def convert_mocov3(args: argparse.Namespace) -> int:
     """Write a MoCo-v3 ViT checkpoint (.pth.tar, read without unpickling code) as a transformers ViT folder, to use
     as --backbone hf:OUT_FOLDER (class-token read-out, ImageNet normalisation)."""
