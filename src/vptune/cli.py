@@ -186,21 +186,21 @@ def _field_type(field: dataclasses.Field, owner: type) -> tuple[type, bool]:
 
 # --- the other commands ---------------------------------------------------------------------------
 def _eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN", help="a task folder written by train")
+    parser.add_argument("run_dir", metavar="RUN", help="a task folder written by train, or hf://<repo>[/<sub>][@<rev>]")
     parser.add_argument("--split", default="test", help="train, val, trainval or test (default: test)")
     parser.add_argument("--data", help="task name or folder (default: the one it was trained on)")
     _add_load_options(parser)
 
 
 def _predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN", help="a task folder written by train")
+    parser.add_argument("run_dir", metavar="RUN", help="a task folder written by train, or hf://<repo>[/<sub>][@<rev>]")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default: 5)")
     _add_load_options(parser)
 
 
 def _inspect(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN", help="a task folder written by train")
+    parser.add_argument("run_dir", metavar="RUN", help="a task folder written by train, or hf://<repo>[/<sub>][@<rev>]")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -257,7 +257,12 @@ def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
 
 def _serve(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("runs", metavar="RUN", nargs="*", help="task folders, or folders holding task folders")
+    add(
+        "runs",
+        metavar="RUN",
+        nargs="*",
+        help="task folders, folders holding task folders, or hf://<repo>[/<sub>][@<rev>]",
+    )
     add("--backbone", help="backbone spec (default: the one the first task records)")
     add("--lazy", action="store_true", help="serve every task folder under --task-root, each loaded on first request")
     add("--max-resident", type=int, metavar="N", help="with --lazy: most tasks kept loaded (default: no bound)")
@@ -286,6 +291,15 @@ def _export(parser: argparse.ArgumentParser) -> None:
     _add_load_options(parser)
 
 
+def _push(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("run_dir", metavar="TASK", help="a task folder")
+    add("repo", metavar="REPO", help="the Hub model repository, <user>/<name> (created if needed)")
+    add("--private", action="store_true", help="create the repository private")
+    add("--revision", help="the branch to commit to (default: main)")
+    add("--token", help="a Hub token with write access (default: HF_TOKEN or the stored login)")
+
+
 def _convert_mocov3(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a MoCo v3 ViT checkpoint (.pth.tar)")
     parser.add_argument("out_folder", metavar="OUT_FOLDER", help="where to write the transformers model folder")
@@ -308,6 +322,7 @@ COMMANDS = {
     "bench": (_bench, commands.bench, "tasks x methods: sweeps, table, figures"),
     "serve": (_serve, commands.serve, "serve many tasks over one backbone (HTTP)"),
     "export": (_export, commands.export, "a task as an ONNX graph (ONNX Runtime, TensorRT ...)"),
+    "push": (_push, commands.push, "upload a task folder to the Hugging Face Hub, with a model card"),
     "convert-mocov3": (_convert_mocov3, commands.convert_mocov3, "a MoCo-v3 ViT checkpoint as an hf: backbone folder"),
 }
 

@@ -268,6 +268,15 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def push(args: argparse.Namespace) -> int:
+    """Upload a task folder (record, weights, a generated model card) to a Hub model repository."""
+    from .hub import push_task
+
+    url = push_task(args.run_dir, args.repo, token=args.token, private=args.private, revision=args.revision)
+    print(f"pushed {args.run_dir} to {args.repo}: {url}\nload it with vptune.load_task('hf://{args.repo}')")
+    return 0
+
+
 def convert_mocov3(args: argparse.Namespace) -> int:
     """Write a MoCo-v3 ViT checkpoint (.pth.tar, read without unpickling code) as a transformers ViT folder, to use
     as --backbone hf:OUT_FOLDER (class-token read-out, ImageNet normalisation)."""

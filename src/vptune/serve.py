@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - checked in create_app
 from .backbones import load_backbone
 from .config import check_fields, option
 from .httpguard import BodyLimit, Guard, Metrics, TooLarge
+from .hub import HubTask, hub_folder, is_hub
 from .multitask import TASK_NAME, MultiTask, TaskInfo, TaskNotFound
 from .preprocessing import DataError, Preprocessing
 from .report import top_classes
@@ -474,19 +475,22 @@ def served_tasks(
     """What ``vptune serve`` serves: the task folders in ``paths`` loaded now, and with a ``root`` every task folder
     under it on demand (startup lists nothing and reads no task file but, without ``backbone``, the first record
     found, for its backbone)."""
-    folders = [
-        p for path in map(Path, paths) for p in ([path] if (path / RECORD).is_file() else sorted(path.iterdir()))
-    ]
-    folders = [folder for folder in folders if (folder / RECORD).is_file()]
-    if not folders and root is None:
+    local = [Path(path) for path in paths if not is_hub(path)]
+    folders = [p for path in local for p in ([path] if (path / RECORD).is_file() else sorted(path.iterdir()))]
+    named = [(folder, folder.name) for folder in folders if (folder / RECORD).is_file()]
+    named += [(hub_folder(path), HubTask.parse(path).name) for path in paths if is_hub(path)]
+    if not named and root is None:
         raise ValueError(f"no task folders (with {RECORD}) in {paths}")
-    bad = [folder.name for folder in folders if not TASK_NAME.fullmatch(folder.name)]
+    bad = [name for _, name in named if not TASK_NAME.fullmatch(name)]
     if bad:
         raise ValueError(f"task folder names {bad} cannot be task names: use letters, digits, '.', '_' or '-'")
     if root is not None and not Path(root).is_dir():
         raise ValueError(f"task root {root} is not a folder")
-    spec = backbone or _recorded_backbone(folders[0] if folders else None, Path(root) if root else None)
-    return MultiTask(load_backbone(spec), folders, root=root, max_resident=max_resident)
+    spec = backbone or _recorded_backbone(named[0][0] if named else None, Path(root) if root else None)
+    served = MultiTask(load_backbone(spec), root=root, max_resident=max_resident)
+    for folder, name in named:
+        served.add(folder, name)
+    return served
 
 
 def _recorded_backbone(folder: Path | None, root: Path | None) -> str:

@@ -17,6 +17,7 @@ from .config import from_dict, to_dict
 from .data import TaskData
 from .files import write_atomic, write_json
 from .head import HEAD_INIT
+from .hub import hub_folder, is_hub
 from .methods import build, get_method
 from .model import TaskModel
 from .preprocessing import Preprocessing
@@ -110,8 +111,16 @@ def mark_partial(path: str | os.PathLike, reason: str) -> None:
     write_json(file, record)
 
 
+def _local(path: str | os.PathLike) -> str | os.PathLike:
+    """A task folder on disk: ``path`` itself, or a Hub task's (``hf://...``) copy in the Hugging Face cache."""
+    if is_hub(path):
+        return hub_folder(path)
+    return path
+
+
 def read_record(path: str | os.PathLike) -> dict:
-    """The ``vptune.json`` of a task folder, with a clear error when it is missing or unreadable."""
+    """The ``vptune.json`` of a task folder (or ``hf://...``), with a clear error when it is missing or unreadable."""
+    path = _local(path)
     file = Path(path) / RECORD
     if not file.is_file():
         raise TaskFileError(f"{path} is not a task folder: {RECORD} is missing (save one with vptune.save_task)")
@@ -133,11 +142,12 @@ def load_task(
     """Rebuild a saved task model in eval mode.
 
     Args:
-        path: a folder written by :func:`save_task`.
+        path: a folder written by :func:`save_task`, or ``hf://<repo>[/<subfolder>][@<revision>]`` on the Hub.
         backbone: the frozen backbone to attach; default: loaded from the recorded spec.
         allow_other_backbone: load even when the backbone's fingerprint differs from the recorded one.
         device: where the loaded model lives.
     """
+    path = _local(path)
     record, folder = check_task(path), Path(path)
     if record.get("status", "complete") != "complete":
         warnings.warn(f"{folder} holds a run that did not finish ({record['status']})", stacklevel=2)
@@ -156,6 +166,7 @@ def load_task(
 def check_task(path: str | os.PathLike) -> dict:
     """A task folder's record, after checking every field, the prompt configuration and method options it holds,
     and the weights file against it (without building anything): a :class:`TaskFileError` naming what is wrong."""
+    path = _local(path)
     record, folder = read_record(path), Path(path)
     if not (folder / WEIGHTS).is_file():
         raise TaskFileError(f"{folder / WEIGHTS} is missing: the task folder is incomplete")
