@@ -223,11 +223,15 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return json.loads(props[METADATA])
 
 
-def _session(path: str | os.PathLike, threads: int | None):
+def _session(path: str | os.PathLike, threads: int | None, spinning: bool = True):
+    """An ONNX Runtime session on the CPU; without ``spinning`` its threads sleep between runs instead of spinning
+    (fairer to other work in the process, such as PyTorch measured beside it)."""
     _, ort = _onnx_modules()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -235,11 +239,11 @@ class OnnxTask:
     """A task graph run by ONNX Runtime: ``OnnxTask(path)(pixel_values) -> logits`` (numpy), with the task's
     ``classes`` and ``preprocessing``."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
         self.record = read_metadata(path)
         if self.record["kind"] != "task":
             raise ValueError(f"{path} is a structure graph: run it with OnnxTasks")
-        self.session = _session(path, threads)
+        self.session = _session(path, threads, spinning)
         self.classes: list[str] = self.record["classes"]
         self.preprocessing = Preprocessing.from_record(self.record["preprocessing"])
 
@@ -256,11 +260,17 @@ class OnnxTasks:
         tasks: task folders or loaded models, by name (each of the graph's structure and backbone).
     """
 
-    def __init__(self, path: str | os.PathLike, tasks: dict[str, TaskModel | str | os.PathLike], threads=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tasks: dict[str, TaskModel | str | os.PathLike],
+        threads: int | None = None,
+        spinning: bool = True,
+    ):
         self.record = read_metadata(path)
         if self.record["kind"] != "structure":
             raise ValueError(f"{path} is a task graph: run it with OnnxTask")
-        self.session = _session(path, threads)
+        self.session = _session(path, threads, spinning)
         self.names = [name.replace("/", ".") for name in self.record["inputs"][1:]]
         self.rows: dict[str, dict[str, np.ndarray]] = {}
         self.classes: dict[str, list[str]] = {}
