@@ -20,7 +20,8 @@ from hub_standin import standin  # noqa: E402
 from test_serve import png, running  # noqa: E402
 
 from vptune.cli import main  # noqa: E402
-from vptune.hub import HubTask, model_card, push_task  # noqa: E402
+from vptune.hub import HubTask, model_card  # noqa: E402
+from vptune.taskfile import push_task  # noqa: E402
 
 TOKEN = "hf_standin_token"
 

@@ -17,6 +17,7 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone, register_family, wrap_model
 from .data import open_task
 from .engine import Splits, TrainConfig, TrainingDiverged, evaluate
+from .export import export_onnx
 from .loop import fit
 from .methods import METHODS, BuildContext, Method, build, method_names, register
 from .model import TaskModel
@@ -25,7 +26,7 @@ from .preprocessing import Preprocessing
 from .prompts import PromptConfig
 from .runs import RunResult, RunSpec, run
 from .taskcheck import TaskFileError
-from .taskfile import load_task, read_record, save_task
+from .taskfile import load_task, push_task, read_record, save_task
 
 __all__ = [
     "Backbone",
@@ -45,11 +46,13 @@ __all__ = [
     "__version__",
     "build",
     "evaluate",
+    "export_onnx",
     "fit",
     "load_backbone",
     "load_task",
     "method_names",
     "open_task",
+    "push_task",
     "read_record",
     "register",
     "register_family",

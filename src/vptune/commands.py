@@ -19,6 +19,7 @@ from .data import Carving, load_split, open_task
 from .distributed import is_main
 from .engine import TrainConfig, resolve_device
 from .engine import evaluate as evaluate_model
+from .export import check_export, export_onnx
 from .methods import METHODS, get_method
 from .model import TaskModel
 from .preprocessing import DataError
@@ -28,7 +29,7 @@ from .runs import RunResult, RunSpec, run, used_splits
 from .serve import ServeConfig, serve_folders
 from .sweep import SUMMARY_FILE, make_executor, plan_sweep, run_sweep
 from .sweep.report import BEST_FOLDER, REPORT_FILE
-from .taskfile import check_task, load_task, read_record
+from .taskfile import check_task, load_task, push_task, read_record
 
 
 def train(args: argparse.Namespace) -> int:
@@ -256,8 +257,6 @@ def serve(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     """Write a task as an ONNX graph (a task graph, or its structure's graph), checked against PyTorch before it is
     reported written."""
-    from .export import check_export, export_onnx
-
     if args.format != "onnx":
         raise ValueError(f"--format {args.format!r}: vptune exports onnx (ONNX Runtime, TensorRT through ONNX)")
     backbone = load_backbone(args.backbone) if args.backbone else None
@@ -270,8 +269,6 @@ def export(args: argparse.Namespace) -> int:
 
 def push(args: argparse.Namespace) -> int:
     """Upload a task folder (record, weights, a generated model card) to a Hub model repository."""
-    from .hub import push_task
-
     url = push_task(args.run_dir, args.repo, token=args.token, private=args.private, revision=args.revision)
     print(f"pushed {args.run_dir} to {args.repo}: {url}\nload it with vptune.load_task('hf://{args.repo}')")
     return 0

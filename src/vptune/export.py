@@ -113,7 +113,7 @@ def export_onnx(
     if reason:
         raise ValueError(f"cannot export {model.method!r} {'as a structure graph' if structure else ''}: {reason}")
     size = model.image_size
-    pixels = torch.randn(batch, model.backbone.in_chans, size, size)
+    pixels = torch.randn(batch, model.backbone.in_chans, size, size, device=next(model.parameters()).device)
     batch_dim = torch.export.Dim("batch", min=1)
     if structure:
         names = task_tensor_names(model)

@@ -64,17 +64,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_folder(spec: str) -> Path:
-    """The local copy of a Hub task folder (downloaded into the Hugging Face cache, or found there when offline)."""
+def hub_folder(spec: str, files: tuple[str, ...]) -> Path:
+    """The local copy of a Hub task folder's ``files`` (downloaded into the Hugging Face cache, or found there when
+    offline); the first file must be there."""
     hub, where = _hub(), HubTask.parse(spec)
-    from .taskfile import RECORD, WEIGHTS
-
     prefix = f"{where.subfolder}/" if where.subfolder else ""
     try:
         local = hub.snapshot_download(
             where.repo,
             revision=where.revision,
-            allow_patterns=[prefix + RECORD, prefix + WEIGHTS],
+            allow_patterns=[prefix + name for name in files],
             cache_dir=os.environ.get("HF_HUB_CACHE"),
             endpoint=os.environ.get("HF_ENDPOINT"),
             local_files_only=_offline(),
@@ -87,16 +86,14 @@ def hub_folder(spec: str) -> Path:
     except (hub.errors.RepositoryNotFoundError, hub.errors.RevisionNotFoundError) as error:
         raise TaskFileError(f"{spec}: {type(error).__name__}: no such repository or revision on the Hub") from error
     folder = Path(local) / (where.subfolder or "")
-    if not (folder / RECORD).is_file():
-        raise TaskFileError(f"{spec} holds no task folder: {prefix}{RECORD} is not in the repository")
+    if not (folder / files[0]).is_file():
+        raise TaskFileError(f"{spec} holds no task folder: {prefix}{files[0]} is not in the repository")
     return folder
 
 
-def model_card(folder: str | os.PathLike, repo: str) -> str:
-    """A Hub model card for a task folder: what it is, what it was trained on, how well it did, how to load it."""
-    from .taskfile import read_record
-
-    record = read_record(folder)
+def model_card(record: dict, repo: str) -> str:
+    """A Hub model card for a task folder's record: what it is, what it was trained on, how well it did, how to load
+    it."""
     backbone, data, metrics = record["backbone"], record.get("data") or {}, record.get("metrics") or {}
     spec = backbone["spec"]
     base = spec[3:] if spec.startswith("hf:") and not Path(spec[3:]).exists() else None  # a Hub id, not a folder
@@ -129,29 +126,26 @@ def model_card(folder: str | os.PathLike, repo: str) -> str:
     return "\n".join(lines)
 
 
-def push_task(
-    folder: str | os.PathLike,
+def upload(
+    files: list[Path],
+    card: str,
     repo: str,
     *,
     token: str | None = None,
     private: bool = False,
     revision: str | None = None,
-    message: str | None = None,
+    message: str = "vptune task",
 ) -> str:
-    """Upload a task folder (its record, weights and a generated model card ``README.md``) to a Hub model repository,
-    creating it if needed; returns the commit's URL. The folder is checked first: a damaged one is not uploaded."""
+    """Upload ``files`` and the model card ``card`` (as ``README.md``) to a Hub model repository, creating it if
+    needed; returns the commit's URL."""
     hub = _hub()
-    from .taskfile import RECORD, WEIGHTS, check_task
-
-    check_task(folder)
     api = hub.HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or os.environ.get("HF_TOKEN"))
     api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as staging:
-        for name in (RECORD, WEIGHTS):
-            shutil.copyfile(Path(folder) / name, Path(staging) / name)
-        (Path(staging) / "README.md").write_text(model_card(folder, repo))
+        for file in files:
+            shutil.copyfile(file, Path(staging) / file.name)
+        (Path(staging) / "README.md").write_text(card)
         commit = api.upload_folder(
-            folder_path=staging, repo_id=repo, repo_type="model", revision=revision,
-            commit_message=message or f"vptune task {Path(folder).name}",
-        )  # fmt: skip
+            folder_path=staging, repo_id=repo, repo_type="model", revision=revision, commit_message=message
+        )
     return str(commit.commit_url if hasattr(commit, "commit_url") else commit)

@@ -40,7 +40,7 @@ from .hub import HubTask, hub_folder, is_hub
 from .multitask import TASK_NAME, MultiTask, TaskInfo, TaskNotFound
 from .preprocessing import DataError, Preprocessing
 from .report import top_classes
-from .taskfile import RECORD, TaskFileError, read_record
+from .taskfile import RECORD, WEIGHTS, TaskFileError, read_record
 
 _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
 
@@ -478,7 +478,7 @@ def served_tasks(
     local = [Path(path) for path in paths if not is_hub(path)]
     folders = [p for path in local for p in ([path] if (path / RECORD).is_file() else sorted(path.iterdir()))]
     named = [(folder, folder.name) for folder in folders if (folder / RECORD).is_file()]
-    named += [(hub_folder(path), HubTask.parse(path).name) for path in paths if is_hub(path)]
+    named += [(hub_folder(path, (RECORD, WEIGHTS)), HubTask.parse(path).name) for path in paths if is_hub(path)]
     if not named and root is None:
         raise ValueError(f"no task folders (with {RECORD}) in {paths}")
     bad = [name for _, name in named if not TASK_NAME.fullmatch(name)]

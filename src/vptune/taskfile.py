@@ -17,7 +17,7 @@ from .config import from_dict, to_dict
 from .data import TaskData
 from .files import write_atomic, write_json
 from .head import HEAD_INIT
-from .hub import hub_folder, is_hub
+from .hub import hub_folder, is_hub, model_card, upload
 from .methods import build, get_method
 from .model import TaskModel
 from .preprocessing import Preprocessing
@@ -114,7 +114,7 @@ def mark_partial(path: str | os.PathLike, reason: str) -> None:
 def _local(path: str | os.PathLike) -> str | os.PathLike:
     """A task folder on disk: ``path`` itself, or a Hub task's (``hf://...``) copy in the Hugging Face cache."""
     if is_hub(path):
-        return hub_folder(path)
+        return hub_folder(path, (RECORD, WEIGHTS))
     return path
 
 
@@ -226,3 +226,22 @@ def _read_tensors(folder: Path, model: TaskModel) -> dict[str, torch.Tensor]:
         if tensor.is_floating_point() and not tensor.isfinite().all():
             raise TaskFileError(f"{file}: tensor {name} holds NaN or infinite values; the task folder is damaged")
     return tensors
+
+
+def push_task(
+    path: str | os.PathLike,
+    repo: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+) -> str:
+    """Upload a task folder (its record, weights and a generated model card ``README.md``) to a Hugging Face Hub model
+    repository, creating it if needed; returns the commit's URL. The folder is checked first: a damaged one is not
+    uploaded."""
+    record, folder = check_task(path), Path(path)
+    return upload(
+        [folder / RECORD, folder / WEIGHTS], model_card(record, repo), repo, token=token, private=private,
+        revision=revision, message=message or f"vptune task {folder.name}",
+    )  # fmt: skip
