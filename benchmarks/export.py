@@ -72,7 +72,9 @@ def structure(backbone, size: int, rounds: int, threads: int, work: Path) -> dic
         tasks[f"t{index}"] = model
     graph = export_onnx(tasks["t0"], work / "structure.onnx", structure=True)
     onnx_tasks = OnnxTasks(graph, tasks, threads, spinning=False)
-    served = vptune.MultiTask(backbone, list(tasks.values()))
+    served = vptune.MultiTask(backbone)
+    for name, model in tasks.items():
+        served.add(model, name=name)
     names = list(tasks)
     x = torch.randn(8, 3, size, size)
     with torch.no_grad():
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", nargs="*", default=[], help="trained task folders to score fp32 against int8")
     parser.add_argument("--json", help="write the results here (rewritten after each step)")
+    parser.add_argument("--steps", nargs="+", default=["accuracy", "speed", "structure"])
     args = parser.parse_args()
     threads = torch.get_num_threads()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -133,14 +136,15 @@ def main() -> None:
     backbone = vptune.load_backbone(args.backbone)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        for folder in args.tasks:
+        for folder in args.tasks if "accuracy" in args.steps else []:
             results["accuracy"].append(accuracy(Path(folder), backbone, threads, work))
             save()
-        for size in args.sizes:
+        for size in args.sizes if "speed" in args.steps else []:
             results["speed"] += speed(backbone, size, args.batches, args.rounds, threads, work)
             save()
-        results["structure"].append(structure(backbone, args.sizes[0], args.rounds, threads, work))
-        save()
+        if "structure" in args.steps:
+            results["structure"].append(structure(backbone, args.sizes[0], args.rounds, threads, work))
+            save()
 
 
 if __name__ == "__main__":
