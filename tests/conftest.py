@@ -126,6 +126,20 @@ def pixels(backbone: vptune.Backbone, batch: int = 4, size: int | tuple[int, int
     return normalize(images(batch, size, seed), backbone.mean, backbone.std)
 
 
+def trained_looking(
+    backbone: vptune.Backbone, method: str, classes: int, seed: int, size: int = IMAGE, **prompt
+) -> vptune.TaskModel:
+    """A task with distinct tensors, in eval mode: its head and prompts drawn from ``seed`` (as if trained)."""
+    config = vptune.PromptConfig(**prompt) if prompt else None
+    model = vptune.build(method, backbone, classes, config, size, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1, generator=generator)
+        if model.prompts is not None:
+            model.prompts.embeddings.normal_(0, 1, generator=generator)
+    return model.eval()
+
+
 class ImageSet(Dataset):
     """In-memory dataset yielding ``(uint8 (3, S, S), int label)``, as the loaders of vptune.data do."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -30,14 +31,8 @@ TOLERANCE = 1e-4
 
 
 def trained_looking(backbone, method: str, classes: int, seed: int, **prompt) -> vptune.TaskModel:
-    config = vptune.PromptConfig(**prompt) if prompt else None
-    model = vptune.build(method, backbone, classes, config, backbone.image_size, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.normal_(0, 1, generator=generator)
-        if model.prompts is not None:
-            model.prompts.embeddings.normal_(0, 1, generator=generator)
-    return model.eval()
+    """conftest's, at the backbone's own input size."""
+    return conftest.trained_looking(backbone, method, classes, seed, backbone.image_size, **prompt)
 
 
 def images(backbone, batch: int, seed: int) -> torch.Tensor:

@@ -12,25 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE, pixels, tiny_backbone
+from conftest import IMAGE, pixels, tiny_backbone, trained_looking
 
 import vptune
 from vptune import stacking
 from vptune.head import Head
 from vptune.multitask import MultiTask, TaskNotFound
-
-
-def trained_looking(backbone: vptune.Backbone, method: str, classes: int, seed: int, **prompt) -> vptune.TaskModel:
-    """A task with distinct tensors: its head and prompts drawn from ``seed``."""
-    config = vptune.PromptConfig(**prompt) if prompt else None
-    model = vptune.build(method, backbone, classes, config, IMAGE, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.normal_(0, 1, generator=generator)
-        if model.prompts is not None:
-            model.prompts.embeddings.normal_(0, 1, generator=generator)
-    return model.eval()
-
 
 MIX = [  # (method, classes, prompt): three structures, five class counts
     ("vpt-deep", 3, {"num_tokens": 2}),
