@@ -71,7 +71,8 @@ class _Entry:
 
 
 class MultiTask(nn.Module):
-    """One backbone and any number of tasks; ``forward(pixel_values, tasks)`` -> one logits vector per sample.
+    """One backbone and any number of tasks; ``forward(pixel_values, task_ids)`` (task names or indexes of
+    :attr:`names`) -> one logits vector per sample.
 
     Args:
         backbone: the frozen backbone every task was trained on.
