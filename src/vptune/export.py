@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .head import Head
 from .model import TaskModel
 from .multitask import _check_servable, _structure
 from .preprocessing import Preprocessing
@@ -92,9 +91,7 @@ def why_not_exported(model: TaskModel, structure: bool) -> str | None:
             return f"a structure graph shares one backbone: {error}"
         if not stackable(model):
             return "its prompts keep a module of their own (a projection or an input channel): export it as a task"
-    if not isinstance(model.head, Head) and structure:
-        return "its head is not a linear head: export it as a task"
-    return None
+    return None  # (a head other than a linear Head is refused by the servable check)
 
 
 def export_onnx(
@@ -130,11 +127,10 @@ def export_onnx(
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
         warnings.simplefilter("ignore")
         fp32 = Path(scratch) / "fp32.onnx" if int8 else out
-        program = torch.onnx.export(
+        torch.onnx.export(
             graph, inputs, fp32, input_names=input_names, output_names=["logits"], dynamic_shapes=shapes,
             dynamo=True, external_data=False, opset_version=OPSET, verbose=False,
         )  # fmt: skip
-        del program
         if int8:
             _quantise(onnx, fp32, out)
     _write_metadata(onnx, out, model, structure, int8, input_names)
