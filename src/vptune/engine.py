@@ -41,6 +41,11 @@ class TrainConfig:
         shown="a tenth of the epochs",
     )
     batch_size: int = option(64, "images per step")
+    epoch_steps: int | None = option(
+        None,
+        "steps per epoch at most: an epoch of a longer split trains on that many batches of its shuffled order, a "
+        "new order each epoch (a schedule in steps, as a sweep with a time budget plans it); none: the whole split",
+    )
     base_lr: float | None = option(
         None, "base learning rate; the actual lr is base_lr * batch_size / 256; none = the method's default"
     )
@@ -99,6 +104,10 @@ class TrainConfig:
                 f"warmup_epochs must be >= 0, got {self.warmup_epochs}",
             ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (
+                self.epoch_steps is None or self.epoch_steps >= 1,
+                f"epoch_steps must be >= 1 (or none: the whole split), got {self.epoch_steps}",
+            ),
             (self.base_lr is None or self.base_lr > 0, f"base_lr must be > 0, got {self.base_lr}"),
             (
                 self.base_lr is None or self.base_lr * self.batch_size / 256 <= FLOAT32_MAX,
@@ -322,7 +331,8 @@ def make_optimizer(model: TaskModel, config: TrainConfig) -> torch.optim.Optimiz
 @dataclass
 class Training:
     """What :func:`vptune.fit` and :func:`vptune.batched.fit_batched` set up alike: the data on its way to the model
-    (cached trunk outputs where they apply), the sample order and the schedule's length in steps."""
+    (cached trunk outputs where they apply), the sample order and the schedule's length in steps (``steps`` per
+    epoch, ``total`` in all, ``warmup`` of them warming up)."""
 
     splits: Splits
     stage: Stage
@@ -331,6 +341,11 @@ class Training:
     device: torch.device
     total: int
     warmup: int
+    steps: int
+
+    def shorten(self, epochs: int) -> None:
+        """End the schedule after ``epochs`` epochs: the cosine decays to 0 over the new length from the next step."""
+        self.total = epochs * self.steps
 
 
 def prepare(
@@ -355,5 +370,11 @@ def prepare(
     order = config.data_seed if config.data_seed is not None else config.seed
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=order)
     loader = train_batches(splits.train, config.batch_size // world, sampler, device)
-    total, warmup = config.epochs * len(loader), round(config.warmup * len(loader))
-    return Training(splits, Stage(model, point), sampler, loader, device, total, warmup)
+    steps = epoch_steps(len(loader), config)
+    total, warmup = config.epochs * steps, round(config.warmup * steps)
+    return Training(splits, Stage(model, point), sampler, loader, device, total, warmup, steps)
+
+
+def epoch_steps(batches: int, config: TrainConfig) -> int:
+    """The steps of one epoch: the split's batches, at most ``config.epoch_steps``."""
+    return min(batches, config.epoch_steps) if config.epoch_steps else batches

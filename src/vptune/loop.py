@@ -157,11 +157,12 @@ def train_epoch(trainee: Trainee, training: Training, epoch: int) -> dict[int, d
     it have none)."""
     first = trainee.configs[0]
     training.sampler.set_epoch(epoch)
-    start, step = time.perf_counter(), (epoch - 1) * len(training.loader)
+    start, step, end = time.perf_counter(), (epoch - 1) * training.steps, epoch * training.steps
     sums = torch.zeros(len(trainee.configs), 3, dtype=torch.float64)
     highest = torch.zeros(len(trainee.configs), dtype=torch.float64)
     quiet = not first.progress or not is_main()
-    bar = tqdm(training.loader, desc=f"epoch {epoch}/{first.epochs}", disable=quiet, leave=False)
+    epochs = training.total // training.steps
+    bar = tqdm(training.loader, f"epoch {epoch}/{epochs}", total=training.steps, disable=quiet, leave=False)
     for inputs, labels in training.stage.batches(bar, training.device):
         lrs = torch.tensor(
             [lr_at(step, training.total, training.warmup, config.lr) for config in trainee.configs], dtype=torch.float64
@@ -169,7 +170,7 @@ def train_epoch(trainee: Trainee, training: Training, epoch: int) -> dict[int, d
         highest = torch.maximum(highest, lrs)
         sums += train_step(trainee, inputs, labels, lrs, epoch, step).cpu()
         step += 1
-        if not trainee.live:
+        if not trainee.live or step == end:
             break
         if not quiet:
             loss, correct, count = sums[trainee.live[0]].tolist()
@@ -181,8 +182,11 @@ def train_epoch(trainee: Trainee, training: Training, epoch: int) -> dict[int, d
     for k in metrics:
         metrics[k]["cached_from"] = training.stage.point
     if training.splits.val is not None:
+        start = time.perf_counter()
         for k, accuracy in scores(trainee, training, training.splits.val, "val").items():
             metrics[k]["val_accuracy"] = accuracy
+        for k in metrics:
+            metrics[k]["val_seconds"] = round(time.perf_counter() - start, 3)
     return {k: metrics[k] for k in trainee.live}
 
 
@@ -224,7 +228,7 @@ def fit(
     data: str | os.PathLike | TaskData | Splits,
     config: TrainConfig | None = None,
     out_dir: str | os.PathLike | None = None,
-    on_epoch_end: Callable[[dict], None] | None = None,
+    on_epoch_end: Callable[[dict], int | None] | None = None,
 ) -> dict:
     """Train ``model``'s trainable tensors; return the final metrics.
 
@@ -234,7 +238,9 @@ def fit(
         config: the training configuration (default :class:`TrainConfig`); unset ``base_lr`` and ``optimizer``
             take the method's defaults.
         out_dir: when given, one JSON line per epoch is written to ``out_dir/metrics.jsonl``.
-        on_epoch_end: called with the epoch's metrics after each epoch (e.g. to save the task so far).
+        on_epoch_end: called with the epoch's metrics after each epoch (e.g. to save the task so far); when it
+            returns a number of epochs below the run's, the run ends after that many (at least the epochs done), its
+            cosine decaying to 0 over the new length (a sweep keeping to its time budget; one process only).
 
     When the part of the network before the first trained tensor is frozen and prompt-free and the train split
     has no augmentation (``config.cache="auto"``), that part runs once per image and training continues from its
@@ -256,12 +262,18 @@ def fit(
     trainee.on_stop = _raise
     log = _MetricsLog(out_dir if is_main() else None)
     metrics: dict = {}
+    epochs, epoch = config.epochs, 0
     with model.recomputing(recomputed_blocks(model, config)):
-        for epoch in range(1, config.epochs + 1):
+        while epoch < epochs:
+            epoch += 1
             metrics = train_epoch(trainee, training, epoch)[0]
             log.write(metrics)
-            if on_epoch_end is not None and is_main():
-                on_epoch_end(metrics)
+            shorter = on_epoch_end(metrics) if on_epoch_end is not None and is_main() else None
+            if shorter is not None and shorter < epochs and world == 1:
+                epochs = max(epoch, shorter)
+                training.shorten(epochs)
+    if epochs < config.epochs:
+        metrics["shortened_to"] = epochs
     if training.splits.test is not None:
         metrics["test_accuracy"] = scores(trainee, training, training.splits.test, "test")[0]
         log.write({"final": True, **metrics})

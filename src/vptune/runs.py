@@ -81,7 +81,7 @@ class RunSpec:
             "image_size": self.image_size,
             "prompt": _prompt_dict(self.prompt) if self.prompt is not None else None,
             "options": dict(self.options),
-            "train": to_dict(self.train),
+            "train": _train_dict(self.train),
             "head_init": self.head_init,
             "head_norm": self.head_norm,
         }
@@ -150,7 +150,7 @@ def run(
     *,
     backbone: Backbone | None = None,
     every_epoch: bool = True,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict], int | None] | None = None,
 ) -> RunResult:
     """Train one run; with ``out``, write its run folder.
 
@@ -166,14 +166,15 @@ def run(
         backbone: the loaded backbone of ``spec.backbone`` (default: loaded, and kept for the next run).
         every_epoch: save the task after every epoch (in the staging folder), not only at the end.
         on_epoch: called with each epoch's metrics (``epoch``, ``val_accuracy`` ...) after the epoch is saved; an
-            exception it raises stops the run there and comes out of ``run`` (a sweep's successive halving).
+            exception it raises stops the run there and comes out of ``run`` (a sweep's successive halving); a number of
+            epochs it returns ends the run sooner (:func:`vptune.fit`'s ``on_epoch_end``).
 
     Raises:
         TrainingDiverged: a loss, gradient or trained tensor became NaN or infinite, or the loss passed its limit.
     """
     start = time.perf_counter()
     staging = RunFolder(Path(out)) if out is not None and is_main() else None  # under torchrun only rank 0 writes
-    task, model, splits = _build(spec, backbone)
+    task, model, splits = build_run(spec, backbone)
     config = spec.train.for_method(model.method)
     resolved = dataclasses.replace(spec, image_size=model.image_size, prompt=model.prompt_config, train=config)
     if staging is None:
@@ -184,11 +185,10 @@ def run(
     def save(metrics: dict, status: str) -> None:
         save_task(model, staging.path, train_config=to_dict(config), metrics=metrics, data=task, status=status)
 
-    def end_epoch(metrics: dict) -> None:
+    def end_epoch(metrics: dict) -> int | None:
         if every_epoch:
             save(metrics, f"partial: epoch {metrics['epoch']} of {config.epochs}")
-        if on_epoch is not None:
-            on_epoch(metrics)
+        return on_epoch(metrics) if on_epoch is not None else None
 
     with staging:
         each = end_epoch if every_epoch or on_epoch is not None else None
@@ -241,7 +241,7 @@ def run_batched(specs: list[RunSpec]) -> list[RunResult]:
     """Train runs that differ only in base lr, weight decay, momentum and seed in one pass (no folders written); a
     run that diverged has ``diverged`` among its metrics (and its model the tensors it started with)."""
     start = time.perf_counter()
-    built = [_build(spec) for spec in specs]
+    built = [build_run(spec) for spec in specs]
     task, models = built[0][0], [model for _, model, _ in built]
     configs = [spec.train.for_method(spec.method) for spec in specs]
     metrics = fit_batched(models, task, configs)
@@ -252,7 +252,7 @@ def run_batched(specs: list[RunSpec]) -> list[RunResult]:
     ]
 
 
-def _build(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, TaskModel, dict]:
+def build_run(spec: RunSpec, backbone: Backbone | None = None) -> tuple[TaskData, TaskModel, dict]:
     """The task (its splits checked: every list and folder the run reads, before anything loads) and the model."""
     task = open_task(spec.data)
     splits = task.summary(used_splits(spec.train))
@@ -273,6 +273,15 @@ def _prompt_dict(prompt: PromptConfig) -> dict:
     for name in ("location", "kv_tokens", "fourier"):
         if not values[name]:
             del values[name]
+    return values
+
+
+def _train_dict(train: TrainConfig) -> dict:
+    """A training configuration as JSON; ``epoch_steps`` left out while unset, so that a run is recorded as it was
+    before it existed (a sweep resumes its runs)."""
+    values = to_dict(train)
+    if values["epoch_steps"] is None:
+        del values["epoch_steps"]
     return values
 
 
