@@ -35,7 +35,8 @@ def grid_files(out: Path) -> dict[str, dict]:
     files = {path.stem: json.loads(path.read_text()) for path in (out / "runs").glob("grid-*.json")}
     for result in files.values():
         result.pop("seconds", None)
-        result["metrics"].pop("seconds", None)
+        for timing in ("seconds", "val_seconds"):
+            result["metrics"].pop(timing, None)
     return files
 
 
@@ -226,9 +227,10 @@ def test_cpu_tune_budget() -> None:
         train = plan.grid_runs()[0]["run"]["train"]
         assert train["warmup_epochs"] is None and train["epochs"] == 6 and train["batch_size"] == 32
     keys = ["name", "image_size", "epochs", "warmup_epochs", "batch_size", "seeds", "sgd_lrs", "adamw_lrs", "wds"]
-    keys += ["head_only_lrs", "num_tokens", "note", "halving"]
-    for name in ("smoke", "cpu", "paper"):  # the old budgets in sweep.json: the same, and halving: null
+    keys += ["head_only_lrs", "num_tokens", "note", "halving", "epoch_steps"]
+    for name in ("smoke", "cpu", "paper"):  # the old budgets in sweep.json: the same, halving and epoch_steps null
         assert list(to_dict(BUDGETS[name])) == keys and to_dict(BUDGETS[name])["halving"] is None
+        assert to_dict(BUDGETS[name])["epoch_steps"] is None
     assert to_dict(BUDGETS["cpu"])["head_only_lrs"] == [0.4, 0.2, 0.1, 0.05] and BUDGETS["cpu"].epochs == 8
 
 

@@ -232,6 +232,16 @@ def _sweep(parser: argparse.ArgumentParser) -> None:
         "--weight-decay", "--wd", dest="weight_decay", type=_float_list, help="weight decays to try (default: budget's)"
     )
     parser.add_argument("--num-tokens", type=_int_list, help="prompt lengths to try, e.g. 1,10,50 (prompted methods)")
+    parser.add_argument(
+        "--time-budget",
+        metavar="TIME",
+        help="plan the sweep to finish within TIME (e.g. 20m, 1h, 90s): this machine's speed is measured on a few "
+        "steps, then the input size, lr grid (centred on the method's default), schedule in steps, halving and final "
+        "run are chosen to fit, printed with the estimate, and kept to (replaces --budget)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="input size (default: the budget's; with --time-budget, chosen to fit)"
+    )
     _add_protocol_options(parser)
 
 
@@ -243,7 +253,7 @@ def _bench(parser: argparse.ArgumentParser) -> None:
 
 def _add_protocol_options(parser: argparse.ArgumentParser) -> None:
     budgets = "; ".join(f"{name}: {budget.note}" for name, budget in BUDGETS.items())
-    parser.add_argument("--budget", default="smoke", choices=list(BUDGETS), help=f"compute preset ({budgets})")
+    parser.add_argument("--budget", choices=list(BUDGETS), help=f"compute preset (default: smoke; {budgets})")
     parser.add_argument("--seeds", type=int, help="seeds of the final retraining (default: the budget's)")
     parser.add_argument("--backbone", default="dinov2-small", help="backbone spec (default: dinov2-small)")
     parser.add_argument("--backend", default="local", choices=BACKENDS, help="where runs execute (default: local)")

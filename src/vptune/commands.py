@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +28,10 @@ from .ray_serve import serve_ray
 from .report import file_bytes, human_bytes, markdown_table, params_multiple, task_summary, top_classes
 from .runs import RunResult, RunSpec, run, used_splits
 from .serve import ServeConfig, serve_folders
-from .sweep import SUMMARY_FILE, make_executor, plan_sweep, run_sweep
+from .sweep import SUMMARY_FILE, get_budget, make_executor, plan_sweep, run_sweep
+from .sweep.keeper import Timekeeper
 from .sweep.report import BEST_FOLDER, REPORT_FILE
+from .sweep.timing import Sizes, describe, duration, estimate, measure, parse_duration, time_plan
 from .taskfile import check_task, load_task, push_task, read_record
 
 
@@ -177,20 +180,61 @@ def _demo_row(method: str, result: RunResult, folder: Path) -> dict:
 
 def sweep(args: argparse.Namespace) -> int:
     """Grid on train scored on val, the best (ties: smaller lr) retrained on train + val with seeds; the seed-0 model
-    lands in <out>/best, the report in <out>/report.md."""
+    lands in <out>/best, the report in <out>/report.md. The plan and its estimate are printed before training; with
+    --time-budget, the plan is made to fit the time and the sweep keeps to it."""
+    start = time.perf_counter()
+    seconds = parse_duration(args.time_budget) if args.time_budget else None
+    if seconds is not None:
+        _check_time_options(args)
     task = open_task(args.data)
     _tell(task.describe())
-    plan = plan_sweep(
-        str(task.root), args.method, args.budget, args.backbone, args.base_lr, args.weight_decay,
-        args.num_tokens, args.seeds,
-    )  # fmt: skip
-    total = len(plan.grid_runs()) + plan.seeds
-    with _RunProgress(total, args.progress) as progress:
-        run_sweep(plan, args.out, make_executor(args.backend, args.ray_address, args.batched), progress.update)
+    sizes = Sizes.of(str(task.root))
+    if seconds is not None:
+        lrs = tuple(args.base_lr) if args.base_lr else None
+        plan, timed = time_plan(str(task.root), args.method, args.backbone, seconds, args.image_size, lrs)
+        text = describe(timed, sizes, args.method)
+        _tell(text)
+        keeper = Timekeeper(timed, sizes, timed.costs, start, progress=args.progress, text=text)
+    else:
+        plan = plan_sweep(
+            str(task.root), args.method, _sized(args.budget, args.image_size), args.backbone, args.base_lr,
+            args.weight_decay, args.num_tokens, args.seeds,
+        )  # fmt: skip
+        costs = estimate(plan, measure(plan.spec("grid", plan.settings[0], 0)), sizes)
+        text = (
+            f"estimate on this machine: measuring {duration(time.perf_counter() - start)}, grid "
+            f"{duration(costs.grid)}, final {duration(costs.final)}, report {duration(costs.report)}: about "
+            f"{duration(time.perf_counter() - start + costs.total)} in all"
+        )
+        _tell(text)
+        keeper = Timekeeper(None, sizes, costs, start, progress=args.progress, text=text)
+    with keeper:
+        run_sweep(plan, args.out, make_executor(args.backend, args.ray_address, args.batched), keeper=keeper)
     print((Path(args.out) / SUMMARY_FILE).read_text())
     print(f"tuned model: {Path(args.out) / BEST_FOLDER}")
     print(f"report: {Path(args.out) / REPORT_FILE}")
+    budget = f" (time budget {duration(seconds)})" if seconds is not None else ""
+    print(f"wall time: {duration(time.perf_counter() - start)}{budget}")
     return 0
+
+
+def _check_time_options(args: argparse.Namespace) -> None:
+    """What --time-budget plans itself cannot also be given."""
+    options = (("--budget", args.budget), ("--seeds", args.seeds), ("--weight-decay", args.weight_decay))
+    given = [flag for flag, value in (*options, ("--num-tokens", args.num_tokens)) if value is not None]
+    if args.backend != "local" or args.batched > 1:
+        raise ValueError("a time budget re-plans epoch by epoch, one run at a time, here: drop --backend ray and --batched")
+    if given:
+        raise ValueError(
+            f"--time-budget plans the schedule, grid and seeds itself: drop {', '.join(given)} (or drop --time-budget "
+            "and choose a --budget preset)"
+        )
+
+
+def _sized(budget: str | None, image_size: int | None):
+    """A preset budget, at another input size if one is given."""
+    preset = get_budget(budget or "smoke")
+    return dataclasses.replace(preset, image_size=image_size) if image_size else preset
 
 
 def _tell(text: str) -> None:
@@ -206,7 +250,7 @@ def bench(args: argparse.Namespace) -> int:
     for method in methods:
         get_method(method)  # an unknown name fails before any work
     roots = [str(open_task(task).root) for task in tasks]  # a missing task too
-    plans = plan_bench(roots, methods, args.budget, args.backbone, seeds=args.seeds)
+    plans = plan_bench(roots, methods, args.budget or "smoke", args.backbone, seeds=args.seeds)
     total = sum(len(plan.grid_runs()) + plan.seeds for plan in plans.values())
     with _RunProgress(total, args.progress) as progress:
         execute = make_executor(args.backend, args.ray_address, args.batched)

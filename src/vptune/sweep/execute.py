@@ -13,11 +13,12 @@ from ..runs import RunResult, RunSpec, run, run_batched
 Finished = Callable[[dict, dict], None]  # called with a run's entry and its result as each run finishes
 
 
-def execute(entry: dict) -> dict:
-    """Train one run of a sweep; a run whose loss diverges is a result too (it loses the grid), never saved."""
+def execute(entry: dict, on_epoch: Callable[[dict], int | None] | None = None) -> dict:
+    """Train one run of a sweep; a run whose loss diverges is a result too (it loses the grid), never saved.
+    ``on_epoch``: :func:`vptune.runs.run`'s (a time budget's keeper shortens a final run through it)."""
     spec = RunSpec.from_dict(entry["run"], where=f"sweep run {entry['id']}")
     try:
-        return result(entry, run(spec, entry.get("save"), every_epoch=False))
+        return result(entry, run(spec, entry.get("save"), every_epoch=False, on_epoch=on_epoch))
     except TrainingDiverged as error:  # a grid point with too high an lr: scored as a failure, the sweep goes on
         return diverged(entry, str(error))
 

@@ -26,6 +26,7 @@ from .._version import __version__
 from ..engine import TrainingDiverged
 from ..runs import RunSpec, run
 from .execute import Finished, result
+from .keeper import Timekeeper
 from .plan import Halving
 
 ORDER_SEED = 0
@@ -54,6 +55,7 @@ def run_halving(
     done: dict[str, dict | None],
     finished: Finished,
     resumed: Finished | None = None,
+    keeper: Timekeeper | None = None,
 ) -> list[dict]:
     """Run the grid ``entries`` one at a time through a successive-halving study; their results in ``entries``' order.
 
@@ -64,18 +66,22 @@ def run_halving(
             replayed into the study instead of trained again.
         finished: called with each run's entry and result as it ends (finished, stopped or diverged).
         resumed: called with each replayed run's entry and result.
+        keeper: the sweep's clock: a setting it gives no time does not start (a result that loses, ``skipped``),
+            and one it stops ends as stopped early (``stopped_by: "time"``).
     """
     optuna = _import_optuna()
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))  # no log line per trial
     try:
-        return _run_study(optuna, entries, halving, done, finished, resumed)
+        return _run_study(optuna, entries, halving, done, finished, resumed, keeper)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
-def _run_study(optuna, entries: list[dict], halving: Halving, done: dict, finished: Finished, resumed) -> list[dict]:
-    """:func:`run_halving` with Optuna imported: each run in turn, trained or replayed."""
+def _run_study(
+    optuna, entries: list[dict], halving: Halving, done: dict, finished: Finished, resumed, keeper
+) -> list[dict]:
+    """:func:`run_halving` with Optuna imported: each run in turn, trained, replayed or (out of time) skipped."""
     context = {"min_epochs": halving.min_epochs, "reduction_factor": halving.reduction_factor}
     context["order"] = [entries[index]["id"] for index in halving_order(entries)]
     study = _study(optuna, halving)
@@ -92,7 +98,11 @@ def _run_study(optuna, entries: list[dict], halving: Halving, done: dict, finish
             if resumed is not None:
                 resumed(entry, previous)
             continue
-        results[entry["id"]] = {**_train(optuna, study, trial, entry), HALVING_KEY: context}
+        if keeper is not None and not keeper.grid_may_start(entry):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            results[entry["id"]] = skipped(entry)
+        else:
+            results[entry["id"]] = {**_train(optuna, study, trial, entry, keeper), HALVING_KEY: context}
         finished(entry, results[entry["id"]])
     return [results[entry["id"]] for entry in entries]
 
@@ -118,16 +128,25 @@ def _study(optuna, halving: Halving):
     return optuna.create_study(direction="maximize", pruner=pruner, sampler=sampler)
 
 
-def _train(optuna, study, trial, entry: dict) -> dict:
-    """Train one grid run, reporting each epoch's val accuracy to ``trial``; stop it when the pruner says so."""
+def skipped(entry: dict) -> dict:
+    """The result of a grid setting the clock left no time for: it loses (a resumed sweep runs it if it has time)."""
+    return {"entry": entry, "metrics": {"skipped": "no time left", "val_accuracy": None, "test_accuracy": None}}
+
+
+def _train(optuna, study, trial, entry: dict, keeper: Timekeeper | None) -> dict:
+    """Train one grid run, reporting each epoch's val accuracy to ``trial``; stop it when the pruner (or the
+    keeper, for the final run's time) says so."""
     vals: list[float] = []
     epochs = _epochs(entry)
 
     def on_epoch(metrics: dict) -> None:
         vals.append(metrics["val_accuracy"])
         trial.report(metrics["val_accuracy"], metrics["epoch"])
+        out_of_time = keeper is not None and keeper.grid_epoch(entry, metrics, epochs)
         if metrics["epoch"] < epochs and trial.should_prune():
             raise _Stopped(metrics)
+        if out_of_time:
+            raise _Stopped({**metrics, "stopped_by": "time"})
 
     start = time.perf_counter()
     spec = RunSpec.from_dict(entry["run"], where=f"sweep run {entry['id']}")

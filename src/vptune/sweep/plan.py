@@ -39,6 +39,7 @@ class Budget:
     ``head_only_lrs`` (when set) replaces ``sgd_lrs`` for methods that train only a head.
     ``warmup_epochs`` of ``None`` means a tenth of the epochs (the paper's 10 of 100).
     ``halving`` (when set) stops grid runs whose val accuracy trails early (successive halving, local runs only).
+    ``epoch_steps`` (when set) caps an epoch's steps (a schedule in steps, as a time budget plans it).
     """
 
     name: str
@@ -54,6 +55,7 @@ class Budget:
     num_tokens: tuple[int, ...] | None = None
     note: str = ""
     halving: Halving | None = None
+    epoch_steps: int | None = None
 
 
 BUDGETS: dict[str, Budget] = {
@@ -145,6 +147,7 @@ class SweepPlan:
         method, grid = get_method(self.method)[0], stage == "grid"
         train = TrainConfig(
             epochs=self.budget.epochs, warmup_epochs=self.budget.warmup_epochs, batch_size=self.budget.batch_size,
+            epoch_steps=self.budget.epoch_steps,
             base_lr=setting["base_lr"], weight_decay=setting["weight_decay"], optimizer=method.optimizer, seed=seed,
             train_split="train" if grid else "trainval", val_split="val" if grid else None,
             test_split=None if grid else "test", progress=False,

@@ -191,13 +191,35 @@ def report_markdown(result: dict, runs: list[dict], report: dict) -> str:
         *_best_lines(report),
         *_per_class_lines(report),
         *_confusion_lines(report),
+        *_time_lines(result),
+    ]
+    return "\n".join(lines)
+
+
+def _time_lines(result: dict) -> list[str]:
+    """The plan and its estimate as printed before training, the re-plans, and the time measured."""
+    lines = [
         "## Time",
         "",
         f"The sweep's runs took {result['seconds']:.1f} s (the sum of their own times, grid and final runs; "
         "a resumed run counts the time it took when it ran).",
         "",
     ]
-    return "\n".join(lines)
+    timing = result.get("timing")
+    if not timing:
+        return lines
+    budget = timing["budget_seconds"]
+    lines += ["The plan, as printed before training:", "", "```", timing["text"], "```", ""]
+    measured = timing["seconds_before_report"]
+    against = f" of the {budget:.0f} s budget ({100 * measured / budget:.0f} %)" if budget else ""
+    lines += [
+        f"Estimated: {timing['estimate_seconds']:.0f} s in all. Measured: {measured:.0f} s from the command's start "
+        f"to this report{against}; the report's own scoring of `best/` comes after.",
+        "",
+    ]
+    if timing["replans"]:
+        lines += ["Re-planned on the way, from the measured speed:", "", *(f"- {e}" for e in timing["replans"]), ""]
+    return lines
 
 
 def _grid_lines(result: dict, runs: list[dict], report: dict) -> list[str]:
@@ -221,10 +243,14 @@ def _grid_lines(result: dict, runs: list[dict], report: dict) -> list[str]:
 
 
 def grid_score(metrics: dict) -> str:
-    """A grid run's val accuracy (%) as the report shows it: a number, ``diverged``, or where it was stopped."""
+    """A grid run's val accuracy (%) as the report shows it: a number, ``diverged``, not run (no time left), or where
+    it was stopped (by successive halving, or by the clock)."""
     val = metrics.get("val_accuracy")
+    if "skipped" in metrics:
+        return f"not run: {metrics['skipped']}"
     if "pruned_at_epoch" in metrics:
-        return f"stopped at epoch {metrics['pruned_at_epoch']}" + ("" if val is None else f" (val {100 * val:.2f})")
+        by = " by the clock" if metrics.get("stopped_by") == "time" else ""
+        return f"stopped at epoch {metrics['pruned_at_epoch']}{by}" + ("" if val is None else f" (val {100 * val:.2f})")
     return "diverged" if val is None else f"{100 * val:.2f}"
 
 
@@ -244,6 +270,8 @@ def _choice_lines(result: dict) -> list[str]:
     ]
     if result.get("diverged_seeds"):
         lines += [f"{result['diverged_seeds']} seed(s) diverged and are not counted.", ""]
+    if result.get("chosen_at_edge"):
+        lines += [f"Note: {result['chosen_at_edge']}", ""]
     if result.get("collapsed_seeds"):
         lines += [
             f"Warning: the final run of seed(s) {result['collapsed_seeds']} trained more than "
@@ -348,11 +376,11 @@ def save_figure(figure, path: Path) -> None:
 
 def plot_grid(grid: list[dict], choice: dict):
     """Val accuracy per setting: x = base lr (log scale), a line per (weight decay, prompt length); the chosen
-    setting starred, stopped settings hollow, diverged ones an ``x`` at 0."""
+    setting starred, stopped settings hollow, diverged ones an ``x`` at 0; settings not run (no time left) left out."""
     figure, axes = _pyplot().subplots(figsize=(6.5, 4))
     groups: dict[tuple, list[dict]] = {}
     labelled: set[str] = set()  # each kind of mark named once in the legend
-    for run in grid:
+    for run in (r for r in grid if "skipped" not in r["metrics"]):
         setting = run["entry"]["setting"]
         groups.setdefault((setting["weight_decay"], setting["num_tokens"]), []).append(run)
     for (wd, tokens), members in groups.items():

@@ -4,6 +4,7 @@ of the same sweep skips the runs already written for the same spec."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -12,8 +13,10 @@ from pathlib import Path
 
 from ..files import write_atomic, write_json
 from ..runs import canonical_entry
+from .execute import execute as execute_one
 from .executors import Executor, run_locally
 from .halving import run_halving
+from .keeper import Timekeeper
 from .plan import SweepPlan
 from .report import write_report
 from .selection import choose, summarise, summary_markdown
@@ -29,6 +32,7 @@ def run_sweep(
     execute: Executor = run_locally,
     progress: Callable[[dict], None] | None = None,
     report: bool = True,
+    keeper: Timekeeper | None = None,
 ) -> dict:
     """Run (or resume) a sweep into ``out``; return what ``sweep.json`` holds.
 
@@ -41,14 +45,21 @@ def run_sweep(
             a budget with ``halving`` runs its grid here one by one (:mod:`.halving`), so it needs ``run_locally``.
         progress: called with each finished run's result (e.g. to update a progress bar).
         report: write ``best/`` and the report (scores ``best/`` on test once more); a bench leaves it out.
+        keeper: the sweep's clock (:class:`~vptune.sweep.keeper.Timekeeper`): the progress bar with the time left,
+            and for a time budget the re-planning that keeps to it (local runs only); its record lands in
+            ``sweep.json`` and the report.
     """
     out = Path(out)
-    _check_executor(plan, execute)
+    _check_executor(plan, execute, keeper)
+    if keeper is not None:
+        progress = _also(progress, keeper)
     with locked(out):
-        grid = _run_grid(plan, out, execute, progress)
+        grid = _run_grid(plan, out, execute, progress, keeper)
         choice = choose(grid) if grid else plan.settings[0]
-        finals = _run_all(plan.final_runs(choice), out, execute, progress)
+        finals = _run_finals(plan.final_runs(choice), out, execute, progress, keeper)
         result = summarise(plan, grid, choice, finals)
+        if keeper is not None:
+            result["timing"] = keeper.record()
         write_json(out / SWEEP_FILE, result)
         write_atomic(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(summary_markdown(result)))
         if report:
@@ -99,7 +110,7 @@ def _run_all(entries: list[dict], out: Path, execute: Executor, progress) -> lis
     return [done[entry["id"]] for entry in entries]
 
 
-def _run_grid(plan: SweepPlan, out: Path, execute: Executor, progress) -> list[dict]:
+def _run_grid(plan: SweepPlan, out: Path, execute: Executor, progress, keeper: Timekeeper | None) -> list[dict]:
     """The grid runs' results: all of them by ``execute``, or one by one with successive halving."""
     entries = plan.grid_runs()
     if plan.budget.halving is None or not entries:
@@ -111,16 +122,52 @@ def _run_grid(plan: SweepPlan, out: Path, execute: Executor, progress) -> list[d
         done,
         finished=lambda entry, result: _record(out, progress, entry, result),
         resumed=lambda entry, result: _resumed(progress, entry, result),
+        keeper=keeper,
     )
 
 
-def _check_executor(plan: SweepPlan, execute: Executor) -> None:
+def _run_finals(entries: list[dict], out: Path, execute: Executor, progress, keeper: Timekeeper | None) -> list[dict]:
+    """The final runs: by ``execute``; under a time budget one by one here, each given the time left and
+    shortened if it falls behind."""
+    if keeper is None or keeper.deadline is None:
+        return _run_all(entries, out, execute, progress)
+    results = []
+    for entry in entries:
+        epochs = keeper.final_epochs(entry)
+        entry = {**entry, "run": {**entry["run"], "train": {**entry["run"]["train"], "epochs": epochs}}}
+        previous = _read_result(out, entry)
+        if previous is None:
+            hook = functools.partial(keeper.final_epoch, epochs=epochs)
+            previous = execute_one({**entry, "save": _task_folder(out, entry)}, hook)
+            _record(out, progress, entry, previous)
+        else:
+            _resumed(progress, entry, previous)
+        results.append(previous)
+    return results
+
+
+def _also(progress, keeper: Timekeeper) -> Callable[[dict], None]:
+    """``progress`` (if any), and the keeper's bar moved on."""
+
+    def both(result: dict) -> None:
+        if progress is not None:
+            progress(result)
+        keeper.run_done()
+
+    return both
+
+
+def _check_executor(plan: SweepPlan, execute: Executor, keeper: Timekeeper | None = None) -> None:
     """A budget with halving decides epoch by epoch, one run at a time: its grid cannot go to Ray or in batches."""
     if plan.budget.halving is not None and execute is not run_locally and plan.grid_runs():
         raise ValueError(
             f"budget {plan.budget.name!r} stops grid runs early by successive halving, which decides after each "
             "epoch with one run at a time, here: drop --backend ray and --batched (the local backend, one run at "
             "a time), or choose a budget without halving (e.g. cpu)"
+        )
+    if keeper is not None and keeper.deadline is not None and execute is not run_locally:
+        raise ValueError(
+            "a time budget re-plans epoch by epoch, one run at a time, here: drop --backend ray and --batched"
         )
 
 

@@ -49,6 +49,7 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
         "grid": [_grid_row(r) for r in grid],
         "choice": choice,
         "chosen_by": _chosen_by(grid),
+        "chosen_at_edge": at_edge(grid, choice),
         "seeds": len(finals),
         "diverged_seeds": len(finals) - len(tests),
         "test_accuracy": tests,
@@ -66,11 +67,24 @@ def summarise(plan: SweepPlan, grid: list[dict], choice: dict, finals: list[dict
     }
 
 
+def at_edge(grid: list[dict], choice: dict) -> str | None:
+    """A sentence when the chosen lr is the grid's lowest or highest (the best may lie beyond it), else None."""
+    lrs = sorted({r["entry"]["setting"]["base_lr"] for r in grid})
+    if len(lrs) < 2 or choice["base_lr"] not in (lrs[0], lrs[-1]):
+        return None
+    side, beyond = ("highest", "higher") if choice["base_lr"] == lrs[-1] else ("lowest", "lower")
+    return (
+        f"the chosen base lr {choice['base_lr']:g} is the grid's {side} ({', '.join(f'{lr:g}' for lr in lrs)}): a "
+        f"{beyond} one may be better; try --base-lr with values beyond it"
+    )
+
+
 def _grid_row(result: dict) -> dict:
     """A grid run in ``sweep.json``: its setting and val accuracy, and the epoch it was stopped at if it was."""
     row = {"setting": result["entry"]["setting"], "val_accuracy": result["metrics"].get("val_accuracy")}
-    if "pruned_at_epoch" in result["metrics"]:
-        row["pruned_at_epoch"] = result["metrics"]["pruned_at_epoch"]
+    for key in ("pruned_at_epoch", "stopped_by", "skipped"):
+        if key in result["metrics"]:
+            row[key] = result["metrics"][key]
     return row
 
 
@@ -106,7 +120,11 @@ def summary_markdown(result: dict) -> str:
         s = row["setting"]
         val = "diverged" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.2f}"
         if "pruned_at_epoch" in row:
-            val = f"stopped at epoch {row['pruned_at_epoch']}" + ("" if row["val_accuracy"] is None else f" ({val})")
+            by = " by the clock" if row.get("stopped_by") == "time" else ""
+            then = "" if row["val_accuracy"] is None else f" ({val})"
+            val = f"stopped at epoch {row['pruned_at_epoch']}{by}{then}"
+        if "skipped" in row:
+            val = f"not run: {row['skipped']}"
         lines.append(f"| {s['base_lr']:g} | {s['weight_decay']:g} | {s['num_tokens'] or '-'} | {val} |")
     c = result["choice"]
     lines += [

@@ -1,0 +1,191 @@
+"""The clock of a running sweep: the progress bar with the time left (every sweep), and for a time budget the
+re-planning that keeps the whole command within it (:class:`Timekeeper`).
+
+Before a grid setting starts, and after each of its epochs, the keeper asks whether the final run and the report,
+at the speed measured so far, still fit after it: a setting that would eat their time does not start, or stops at
+that epoch (recorded as stopped by the clock). The final run's length is set when it starts from the time left (at
+least one epoch, at most twice the plan's), and after each of its epochs it is shortened if it has fallen behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from tqdm.auto import tqdm
+
+from .timing import Costs, Sizes, TimePlan, duration, epoch_seconds, final_seconds, report_seconds, run_setup
+
+MAX_FINAL_STRETCH = 2  # a final run may get up to this many times the plan's epochs when the grid ends early
+
+
+class Timekeeper:
+    """Holds a sweep to ``plan`` (none: a preset budget, nothing enforced) and shows its progress.
+
+    Args:
+        plan: the time plan (:func:`~vptune.sweep.timing.time_plan`), or None.
+        sizes: the task's split sizes.
+        costs: the estimate the bar starts from (the plan's, or :func:`~vptune.sweep.timing.estimate`'s).
+        start: when the command started (``clock``'s time), so that measuring counts against the budget.
+        clock: seconds (``time.perf_counter``; a test's fake clock).
+        progress: show the bar.
+        text: the plan and estimate as printed before training (recorded for the report).
+    """
+
+    def __init__(
+        self,
+        plan: TimePlan | None,
+        sizes: Sizes,
+        costs: Costs,
+        start: float,
+        clock: Callable[[], float] = time.perf_counter,
+        progress: bool = True,
+        text: str = "",
+    ) -> None:
+        self.plan, self.sizes, self.costs, self.start, self.clock = plan, sizes, costs, start, clock
+        self.text = text
+        self.deadline = start + plan.seconds if plan else None
+        self.slow = 1.0  # measured / planned seconds, from the last epoch
+        self.events: list[str] = []
+        self.mark, self.expected = start, 0.0
+        self.final_left: float | None = None
+        self.estimate = (plan.probe_seconds if plan else 0.0) + costs.total
+        bar = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}"
+        self.bar = tqdm(total=max(1, round(self.estimate)), desc="sweep", bar_format=bar, disable=not progress)
+        self._show()
+
+    # --- the grid ---------------------------------------------------------------------------------------------
+
+    def grid_may_start(self, entry: dict) -> bool:
+        """Whether a grid setting has time to reach its first rung with the final run and report still fitting."""
+        plan = self.plan
+        if plan is None or self.deadline is None:
+            self._begin(self._setup(False) + self._epoch(False))
+            return True
+        rung = plan.budget.halving.min_epochs if plan.budget.halving else plan.schedule.epochs
+        need = self.slow * (self._setup(False) + rung * self._epoch(False))
+        if self.clock() + need > self._grid_end():
+            self._note(f"setting {_name(entry)} not run: it would not reach epoch {rung} in the time left")
+            return False
+        self._begin(self._setup(False) + self._epoch(False))
+        return True
+
+    def grid_epoch(self, entry: dict, metrics: dict, epochs: int) -> bool:
+        """After a grid epoch: whether to stop the setting here, for the final run's time."""
+        self._measured(self._epoch(False))
+        if self.deadline is None or metrics["epoch"] >= epochs:
+            return False
+        if self.clock() + self.slow * self._epoch(False) > self._grid_end():
+            self._note(f"setting {_name(entry)} stopped at epoch {metrics['epoch']} of {epochs}: the final run's time")
+            return True
+        return False
+
+    def _grid_end(self) -> float:
+        """When the grid must end: the final run (its planned length) and the report after it, at today's speed."""
+        assert self.deadline is not None and self.plan is not None
+        final = final_seconds(self.plan.speed, self.sizes, self.plan.schedule.steps(True))
+        return self.deadline - self.slow * (final + report_seconds(self.plan.speed, self.sizes))
+
+    # --- the final run ----------------------------------------------------------------------------------------
+
+    def final_epochs(self, entry: dict) -> int:
+        """The final run's epochs, set from the time left as it starts (the plan's when nothing is enforced)."""
+        planned = entry["run"]["train"]["epochs"]
+        self._begin(self._setup(True) + self._epoch(True))
+        if self.deadline is None:
+            return planned
+        fixed = self._setup(True) + self.sizes.test * self._speed().score + self._report()
+        left = self.deadline - self.clock() - self.slow * fixed
+        epochs = max(1, min(MAX_FINAL_STRETCH * planned, math.floor(left / (self.slow * self._epoch(True)))))
+        if epochs != planned:
+            self._note(f"final run: {epochs} epochs instead of {planned}, from the {duration(max(0, left))} left")
+        self.final_left = epochs * self._epoch(True)
+        return epochs
+
+    def final_epoch(self, metrics: dict, epochs: int) -> int | None:
+        """After a final epoch: a shorter length if the run has fallen behind (None: keep it)."""
+        self._measured(self._epoch(True))
+        if self.deadline is None:
+            return None
+        after = self.slow * (self.sizes.test * self._speed().score + self._report())
+        left = self.deadline - self.clock() - after
+        possible = metrics["epoch"] + math.floor(max(0.0, left) / (self.slow * self._epoch(True)))
+        if possible < epochs:
+            self._note(f"final run shortened at epoch {metrics['epoch']}: {max(metrics['epoch'], possible)} epochs "
+                       f"instead of {epochs}, at {self.slow:.2f}x the measured speed")  # fmt: skip
+            return possible
+        return None
+
+    # --- what it records and shows ----------------------------------------------------------------------------
+
+    def run_done(self) -> None:
+        """A run ended (or was found written): the bar moves on."""
+        self._show()
+
+    def record(self) -> dict:
+        """``sweep.json``'s ``timing``: the plan, the estimate, the re-plans, the time measured until the report."""
+        return {
+            "budget_seconds": self.plan.seconds if self.plan else None,
+            "plan": self.plan.record() if self.plan else None,
+            "estimate_seconds": round(self.estimate, 1),
+            "text": self.text,
+            "replans": list(self.events),
+            "seconds_before_report": round(self.clock() - self.start, 1),
+        }
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Timekeeper:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _begin(self, expected: float) -> None:
+        self.mark, self.expected = self.clock(), expected
+
+    def _measured(self, next_expected: float) -> None:
+        """An epoch ended: the speed against the plan from it, and what the next epoch should take."""
+        now = self.clock()
+        if self.expected > 0:
+            self.slow = max(0.05, (now - self.mark) / self.expected)
+        self.mark, self.expected = now, next_expected
+        self._show()
+
+    def _show(self) -> None:
+        elapsed = self.clock() - self.start
+        left = max(0.0, self.start + self.estimate * self.slow - self.clock())
+        if self.deadline is not None:
+            left = min(left, max(0.0, self.deadline - self.clock()))
+        self.bar.total = max(1, round(elapsed + left))
+        self.bar.n = min(self.bar.total, round(elapsed))
+        self.bar.set_postfix_str(f"about {duration(left)} left", refresh=False)
+        self.bar.refresh()
+
+    def _note(self, event: str) -> None:
+        self.events.append(event)
+        tqdm.write(f"re-planned: {event}")
+
+    def _speed(self):
+        return self.plan.speed if self.plan else None
+
+    def _setup(self, final: bool) -> float:
+        if self.plan is None:
+            return 0.0
+        images = self.sizes.trainval + self.sizes.test if final else self.sizes.train + self.sizes.val
+        return run_setup(self.plan.speed, images)
+
+    def _epoch(self, final: bool) -> float:
+        if self.plan is None:
+            return 0.0
+        scored = 0 if final else self.sizes.val
+        return epoch_seconds(self.plan.speed, self.plan.schedule.per_epoch(final), scored)
+
+    def _report(self) -> float:
+        return report_seconds(self.plan.speed, self.sizes) if self.plan else 0.0
+
+
+def _name(entry: dict) -> str:
+    return f"base lr {entry['setting']['base_lr']:g}"
