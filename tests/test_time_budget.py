@@ -181,7 +181,9 @@ def test_epoch_steps_and_a_shortened_run(tiny_model_and_data) -> None:
                          progress=False)  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vptune.loop, "train_step", counted)
-        metrics = vptune.fit(model, data, config, on_epoch_end=lambda m: lrs.append(m["lr"]) or (3 if m["epoch"] == 1 else None))  # noqa: E501
+        metrics = vptune.fit(
+            model, data, config, on_epoch_end=lambda m: lrs.append(m["lr"]) or (3 if m["epoch"] == 1 else None)
+        )  # noqa: E501
     assert calls == list(range(6))  # 3 epochs of 2 steps (of the split's 4), the run cut from 6 epochs to 3
     assert metrics["epoch"] == 3 and metrics["shortened_to"] == 3
     assert lrs[-1] < 0.2 * lrs[0]  # the cosine decayed over the new length

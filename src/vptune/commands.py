@@ -223,7 +223,9 @@ def _check_time_options(args: argparse.Namespace) -> None:
     options = (("--budget", args.budget), ("--seeds", args.seeds), ("--weight-decay", args.weight_decay))
     given = [flag for flag, value in (*options, ("--num-tokens", args.num_tokens)) if value is not None]
     if args.backend != "local" or args.batched > 1:
-        raise ValueError("a time budget re-plans epoch by epoch, one run at a time, here: drop --backend ray and --batched")
+        raise ValueError(
+            "a time budget re-plans epoch by epoch, one run at a time, here: drop --backend ray and --batched"
+        )
     if given:
         raise ValueError(
             f"--time-budget plans the schedule, grid and seeds itself: drop {', '.join(given)} (or drop --time-budget "
