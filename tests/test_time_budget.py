@@ -284,3 +284,10 @@ def test_every_sweep_prints_its_estimate(tmp_path, saved_backbone, tiny_task, ca
     err = capsys.readouterr().err
     assert "estimate on this machine" in err and "in all" in err
     assert "estimate on this machine" in json.loads((tmp_path / "sweep.json").read_text())["timing"]["text"]
+
+
+def test_a_dry_run_prints_the_plan_and_trains_nothing(tmp_path, saved_backbone, tiny_task, capsys) -> None:
+    assert main([*sweep_argv(tiny_task, saved_backbone, tmp_path / "out", "5m"), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "time budget 5 min 0 s" in err and "grid: 5 settings" in err and "estimate:" in err
+    assert not (tmp_path / "out").exists()

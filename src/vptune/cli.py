@@ -242,6 +242,11 @@ def _sweep(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=int, help="input size (default: the budget's; with --time-budget, chosen to fit)"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="measure this machine's speed, print the plan and its estimate, train nothing",
+    )
     _add_protocol_options(parser)
 
 

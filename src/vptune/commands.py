@@ -192,10 +192,9 @@ def sweep(args: argparse.Namespace) -> int:
     if seconds is not None:
         lrs = tuple(args.base_lr) if args.base_lr else None
         plan, timed = time_plan(str(task.root), args.method, args.backbone, seconds, args.image_size, lrs)
-        text = describe(timed, sizes, args.method)
-        _tell(text)
-        keeper = Timekeeper(timed, sizes, timed.costs, start, progress=args.progress, text=text)
+        text, costs = describe(timed, sizes, args.method), timed.costs
     else:
+        timed = None
         plan = plan_sweep(
             str(task.root), args.method, _sized(args.budget, args.image_size), args.backbone, args.base_lr,
             args.weight_decay, args.num_tokens, args.seeds,
@@ -206,9 +205,10 @@ def sweep(args: argparse.Namespace) -> int:
             f"{duration(costs.grid)}, final {duration(costs.final)}, report {duration(costs.report)}: about "
             f"{duration(time.perf_counter() - start + costs.total)} in all"
         )
-        _tell(text)
-        keeper = Timekeeper(None, sizes, costs, start, progress=args.progress, text=text)
-    with keeper:
+    _tell(text)
+    if args.dry_run:
+        return 0
+    with Timekeeper(timed, sizes, costs, start, progress=args.progress, text=text) as keeper:
         run_sweep(plan, args.out, make_executor(args.backend, args.ray_address, args.batched), keeper=keeper)
     print((Path(args.out) / SUMMARY_FILE).read_text())
     print(f"tuned model: {Path(args.out) / BEST_FOLDER}")

@@ -299,7 +299,8 @@ def _fit(room: float, sizes: Sizes, speed: Speed, lrs: tuple, floor: int, second
         if costs.total > room:
             break
         best = (schedule, halving, costs)
-    if best is None or (len(lrs) > 1 and best[0].steps(False) < floor):
+    floor = min(floor, MAX_EPOCHS * passes[0])  # a small dataset: the paper's 100 epochs are enough
+    if best is None or (len(lrs) > 1 and (best[0].steps(False) < floor or best[0].epochs < REDUCTION)):
         return None
     schedule, halving, costs = best
     budget = Budget(
