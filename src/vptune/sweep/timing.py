@@ -33,7 +33,7 @@ from ..runs import RunSpec, build_run
 from .plan import Budget, Halving, SweepPlan, plan_sweep
 
 LADDER = (224, 168, 112, 84, 56)  # input sizes a time budget chooses from (multiples of 14 and 16's 112, 224)
-MIN_STEPS = 150  # a grid run's steps at least, for five settings at an input size (see docs/benchmarks.md)
+MIN_STEPS = 200  # a grid run's steps at least, for five settings at an input size (see docs/benchmarks.md)
 MAX_EPOCHS = 100  # the paper's schedule: no run is planned longer
 SETTINGS = (5, 3, 1)  # lr grid sizes tried in turn: the default x 2^k, k centred on 0
 REDUCTION = 3  # successive halving's reduction factor
