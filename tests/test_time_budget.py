@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import vptune.loop
 import vptune.runs
 from vptune import TrainConfig
 from vptune.cli import main
+from vptune.methods import get_method
 from vptune.sweep.keeper import Timekeeper
 from vptune.sweep.plan import Halving
 from vptune.sweep.selection import at_edge
@@ -31,6 +33,7 @@ from vptune.sweep.timing import (
     parse_duration,
     plan_time,
     price,
+    time_plan,
 )
 
 # a ViT-S-like speed at 112x112 on a 2-core CPU: 1.45 s per step of 32 (22 images/s), 15 ms per image scored
@@ -163,6 +166,10 @@ def test_a_sweep_that_becomes_slower_replans_and_ends_within_the_budget(sizes: S
         end, keeper = simulate(plan, sizes, slow_after=slow_after, factor=2.0)
         assert end <= 1.05 * 1200, (slow_after, end, keeper.events)
         assert keeper.events  # it re-planned
+        cuts = [tuple(map(int, re.search(r"(\d+) epochs instead of (\d+)", e).groups())) for e in keeper.events
+                if "shortened" in e]  # fmt: skip
+        assert all(new < old for new, old in cuts)  # each cut shortens the run
+        assert all(cuts[i][1] == cuts[i - 1][0] for i in range(1, len(cuts)))  # from the length the last cut left
     faster, keeper = simulate(plan, sizes, slow_after=0, factor=0.6)
     assert faster <= 1200 and any("final run" in e for e in keeper.events)  # the time saved goes to the final run
 
@@ -251,6 +258,8 @@ def test_a_time_budget_sweep_ends_within_it(tmp_path, saved_backbone, tiny_task,
     assert sweep["budget"]["name"] == "time-25s" and "planned to fit 25 s" in sweep["budget"]["note"]
     assert (tmp_path / "best" / "weights.safetensors").is_file()
     report = (tmp_path / "report.md").read_text()
+    for section in ("## Grid", "## Choice and test accuracy", "## The tuned model: `best/`", "## Per-class"):
+        assert section in report  # the report as always
     assert "## Time" in report and "The plan, as printed before training" in report and "of the 25 s budget" in report
     assert "wall time:" in capsys.readouterr().out
 
@@ -291,3 +300,20 @@ def test_a_dry_run_prints_the_plan_and_trains_nothing(tmp_path, saved_backbone, 
     err = capsys.readouterr().err
     assert "time budget 5 min 0 s" in err and "grid: 5 settings" in err and "estimate:" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["linear", "mlp-2", "vpt-shallow", "vpt-deep", "vpt-deep+bias", "bias", "partial-1", "full", "adapter", "lora",
+     "sidetune"],
+)  # fmt: skip
+def test_every_method_gets_a_plan(method: str, saved_backbone, tiny_task) -> None:
+    torch.set_num_threads(1)
+    sweep, plan = time_plan(str(tiny_task), method, saved_backbone, 600)
+    assert plan.estimate <= SAFETY * 600 and plan.centre == get_method(method)[0].base_lr
+    assert [s["base_lr"] for s in sweep.settings] == sorted(plan.lrs) and sweep.seeds == 1
+    entry = (sweep.grid_runs() or sweep.final_runs(sweep.settings[0]))[0]
+    assert entry["run"]["image_size"] == plan.budget.image_size
+    assert entry["run"]["train"]["epochs"] == plan.schedule.epochs
+    if get_method(method)[0].head_only:  # the cached trunk: steps cost next to nothing
+        assert plan.speed.cache > 0 and plan.speed.step < plan.speed.cache * plan.speed.batch_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 
 from tqdm.auto import tqdm
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from .timing import Costs, Sizes, TimePlan, duration, epoch_seconds, final_seconds, report_seconds, run_setup
 
 MAX_FINAL_STRETCH = 2  # a final run may get up to this many times the plan's epochs when the grid ends early
+WINDOW = 4  # the speed against the plan is measured over this many last epochs
 
 
 class Timekeeper:
@@ -46,10 +48,11 @@ class Timekeeper:
         self.plan, self.sizes, self.costs, self.start, self.clock = plan, sizes, costs, start, clock
         self.text = text
         self.deadline = start + plan.seconds if plan else None
-        self.slow = 1.0  # measured / planned seconds, from the last epoch
+        self.slow = 1.0  # measured / planned seconds over the last WINDOW epochs
+        self.recent: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         self.events: list[str] = []
         self.mark, self.expected = start, 0.0
-        self.final_left: float | None = None
+        self.final_length: int | None = None
         self.estimate = (plan.probe_seconds if plan else 0.0) + costs.total
         bar = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}"
         self.bar = tqdm(total=max(1, round(self.estimate)), desc="sweep", bar_format=bar, disable=not progress)
@@ -100,20 +103,24 @@ class Timekeeper:
         epochs = max(1, min(MAX_FINAL_STRETCH * planned, math.floor(left / (self.slow * self._epoch(True)))))
         if epochs != planned:
             self._note(f"final run: {epochs} epochs instead of {planned}, from the {duration(max(0, left))} left")
-        self.final_left = epochs * self._epoch(True)
+        self.final_length = epochs
         return epochs
 
     def final_epoch(self, metrics: dict, epochs: int) -> int | None:
-        """After a final epoch: a shorter length if the run has fallen behind (None: keep it)."""
+        """After a final epoch of a run set to ``epochs``: a shorter length if it has fallen behind (None: keep it)."""
         self._measured(self._epoch(True))
         if self.deadline is None:
             return None
+        length = min(epochs, self.final_length or epochs)
         after = self.slow * (self.sizes.test * self._speed().score + self._report())
         left = self.deadline - self.clock() - after
-        possible = metrics["epoch"] + math.floor(max(0.0, left) / (self.slow * self._epoch(True)))
-        if possible < epochs:
-            self._note(f"final run shortened at epoch {metrics['epoch']}: {max(metrics['epoch'], possible)} epochs "
-                       f"instead of {epochs}, at {self.slow:.2f}x the measured speed")  # fmt: skip
+        possible = max(
+            metrics["epoch"], metrics["epoch"] + math.floor(max(0.0, left) / (self.slow * self._epoch(True)))
+        )
+        if possible < length:
+            self._note(f"final run shortened at epoch {metrics['epoch']}: {possible} epochs instead of {length}, "
+                       f"the last epochs {self.slow:.2f}x as long as planned")  # fmt: skip
+            self.final_length = possible
             return possible
         return None
 
@@ -150,7 +157,8 @@ class Timekeeper:
         """An epoch ended: the speed against the plan from it, and what the next epoch should take."""
         now = self.clock()
         if self.expected > 0:
-            self.slow = max(0.05, (now - self.mark) / self.expected)
+            self.recent.append((now - self.mark, self.expected))
+            self.slow = max(0.05, sum(m for m, _ in self.recent) / sum(e for _, e in self.recent))
         self.mark, self.expected = now, next_expected
         self._show()
 
