@@ -123,9 +123,12 @@ class FakeClock:
         return self.now
 
 
-def simulate(plan: TimePlan, sizes: Sizes, slow_after: float, factor: float) -> tuple[float, Timekeeper]:
+def simulate(
+    plan: TimePlan, sizes: Sizes, slow_after: float, factor: float, overhead: float = 0.0
+) -> tuple[float, Timekeeper]:
     """Drive a keeper through a sweep on a fake clock: every piece takes its planned time, times ``factor`` once
-    ``slow_after`` seconds have passed; return the end (the report included) and the keeper."""
+    ``slow_after`` seconds have passed, and each run ``overhead`` seconds more to set up than planned; return the end
+    (the report included) and the keeper."""
     clock = FakeClock()
     keeper = Timekeeper(plan, sizes, plan.costs, clock.now, clock=clock, progress=False)
     start = clock.now
@@ -139,14 +142,14 @@ def simulate(plan: TimePlan, sizes: Sizes, slow_after: float, factor: float) -> 
         entry = {"setting": {"base_lr": plan.lrs[index]}}
         if not keeper.grid_may_start(entry):
             continue
-        spend(keeper._setup(False))
+        spend(keeper._setup(False, with_overhead=False) + overhead)
         for epoch in range(1, epochs + 1):
             spend(keeper._epoch(False))
             if keeper.grid_epoch(entry, {"epoch": epoch}, epochs) or (index % 3 and epoch == rung):
                 break  # stopped by the keeper, or (two in three) by halving at the rung
     final = {"run": {"train": {"epochs": epochs}}}
     planned = keeper.final_epochs(final)
-    spend(keeper._setup(True))
+    spend(keeper._setup(True, with_overhead=False) + overhead)
     epoch = 0
     while epoch < planned:
         epoch += 1
@@ -172,6 +175,15 @@ def test_a_sweep_that_becomes_slower_replans_and_ends_within_the_budget(sizes: S
         assert all(cuts[i][1] == cuts[i - 1][0] for i in range(1, len(cuts)))  # from the length the last cut left
     faster, keeper = simulate(plan, sizes, slow_after=0, factor=0.6)
     assert faster <= 1200 and any("final run" in e for e in keeper.events)  # the time saved goes to the final run
+
+
+def test_set_up_beyond_the_plan_is_learnt_from_the_first_runs() -> None:
+    """Each run takes 20 s more to set up than planned (a short epoch's first steps, the data stacked ...): the
+    keeper measures it on the first run, expects it of the others, and still ends within the budget, not far before."""
+    plan = plan_time(600, EUROSAT, VIT_112.scaled, "vpt-deep", spent=10)
+    end, keeper = simulate(plan, EUROSAT, slow_after=1e9, factor=1.0, overhead=20.0)
+    assert 0.8 * 600 <= end <= 1.05 * 600, (end, keeper.events)
+    assert keeper.overhead == pytest.approx(20.0) and keeper.slow == pytest.approx(1.0)
 
 
 def test_epoch_steps_and_a_shortened_run(tiny_model_and_data) -> None:

@@ -51,7 +51,8 @@ class Timekeeper:
         self.slow = 1.0  # measured / planned seconds over the last WINDOW epochs
         self.recent: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         self.events: list[str] = []
-        self.mark, self.expected = start, 0.0
+        self.mark, self.expected, self.first, self.setup = start, 0.0, False, 0.0
+        self.overhead = 0.0  # what a run's first epoch took beyond its plan: set-up the estimate does not see
         self.final_length: int | None = None
         self.estimate = (plan.probe_seconds if plan else 0.0) + costs.total
         bar = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}"
@@ -64,19 +65,19 @@ class Timekeeper:
         """Whether a grid setting has time to reach its first rung with the final run and report still fitting."""
         plan = self.plan
         if plan is None or self.deadline is None:
-            self._begin(self._setup(False) + self._epoch(False))
+            self._begin(False)
             return True
         rung = plan.budget.halving.min_epochs if plan.budget.halving else plan.schedule.epochs
         need = self.slow * (self._setup(False) + rung * self._epoch(False))
         if self.clock() + need > self._grid_end():
             self._note(f"setting {_name(entry)} not run: it would not reach epoch {rung} in the time left")
             return False
-        self._begin(self._setup(False) + self._epoch(False))
+        self._begin(False)
         return True
 
     def grid_epoch(self, entry: dict, metrics: dict, epochs: int) -> bool:
         """After a grid epoch: whether to stop the setting here, for the final run's time."""
-        self._measured(self._epoch(False))
+        self._measured(False)
         if self.deadline is None or metrics["epoch"] >= epochs:
             return False
         if self.clock() + self.slow * self._epoch(False) > self._grid_end():
@@ -95,7 +96,7 @@ class Timekeeper:
     def final_epochs(self, entry: dict) -> int:
         """The final run's epochs, set from the time left as it starts (the plan's when nothing is enforced)."""
         planned = entry["run"]["train"]["epochs"]
-        self._begin(self._setup(True) + self._epoch(True))
+        self._begin(True)
         if self.deadline is None:
             return planned
         fixed = self._setup(True) + self.sizes.test * self._speed().score + self._report()
@@ -108,7 +109,7 @@ class Timekeeper:
 
     def final_epoch(self, metrics: dict, epochs: int) -> int | None:
         """After a final epoch of a run set to ``epochs``: a shorter length if it has fallen behind (None: keep it)."""
-        self._measured(self._epoch(True))
+        self._measured(True)
         if self.deadline is None:
             return None
         length = min(epochs, self.final_length or epochs)
@@ -150,16 +151,21 @@ class Timekeeper:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _begin(self, expected: float) -> None:
-        self.mark, self.expected = self.clock(), expected
+    def _begin(self, final: bool) -> None:
+        """A run starts: its set-up and first epoch are what the next measurement covers."""
+        self.mark, self.first = self.clock(), True
+        self.setup, self.expected = self._setup(final, with_overhead=False), self._epoch(final)
 
-    def _measured(self, next_expected: float) -> None:
-        """An epoch ended: the speed against the plan from it, and what the next epoch should take."""
+    def _measured(self, final: bool) -> None:
+        """An epoch ended: the speed against the plan from it; after a run's first epoch, the set-up it took beyond
+        the plan instead (every later run is expected to take it too)."""
         now = self.clock()
-        if self.expected > 0:
+        if self.first and self.expected > 0:
+            self.overhead = max(0.0, now - self.mark - self.slow * (self.setup + self.expected))
+        elif self.expected > 0:
             self.recent.append((now - self.mark, self.expected))
             self.slow = max(0.05, sum(m for m, _ in self.recent) / sum(e for _, e in self.recent))
-        self.mark, self.expected = now, next_expected
+        self.mark, self.first, self.expected = now, False, self._epoch(final)
         self._show()
 
     def _show(self) -> None:
@@ -179,11 +185,12 @@ class Timekeeper:
     def _speed(self):
         return self.plan.speed if self.plan else None
 
-    def _setup(self, final: bool) -> float:
+    def _setup(self, final: bool, with_overhead: bool = True) -> float:
+        """A run's set-up in planned seconds: its images decoded (and cached), and what runs took beyond that."""
         if self.plan is None:
             return 0.0
         images = self.sizes.trainval + self.sizes.test if final else self.sizes.train + self.sizes.val
-        return run_setup(self.plan.speed, images)
+        return run_setup(self.plan.speed, images) + (self.overhead / self.slow if with_overhead else 0.0)
 
     def _epoch(self, final: bool) -> float:
         if self.plan is None:
