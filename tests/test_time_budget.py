@@ -261,28 +261,29 @@ def test_a_time_budget_sweep_ends_within_it(tmp_path, saved_backbone, tiny_task,
 
     monkeypatch.setattr(vptune.runs, "fit", fit)
     start = time.perf_counter()
-    assert main(sweep_argv(tiny_task, saved_backbone, tmp_path, "25s")) == 0
+    assert main(sweep_argv(tiny_task, saved_backbone, tmp_path, "15s")) == 0
     wall = time.perf_counter() - start
-    assert wall <= 1.1 * 25 and printed_before_training[0]
+    assert wall <= 1.1 * 15 and printed_before_training[0]
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     timing = sweep["timing"]
-    assert timing["budget_seconds"] == 25 and timing["plan"]["image_size"] in LADDER
-    assert sweep["budget"]["name"] == "time-25s" and "planned to fit 25 s" in sweep["budget"]["note"]
+    assert timing["budget_seconds"] == 15 and timing["plan"]["image_size"] in LADDER
+    assert sweep["budget"]["name"] == "time-15s" and "planned to fit 15 s" in sweep["budget"]["note"]
     assert (tmp_path / "best" / "weights.safetensors").is_file()
     report = (tmp_path / "report.md").read_text()
     for section in ("## Grid", "## Choice and test accuracy", "## The tuned model: `best/`", "## Per-class"):
         assert section in report  # the report as always
-    assert "## Time" in report and "The plan, as printed before training" in report and "of the 25 s budget" in report
+    assert "## Time" in report and "The plan, as printed before training" in report and "of the 15 s budget" in report
     assert "wall time:" in capsys.readouterr().out
 
 
 def test_a_sweep_that_slows_down_keeps_to_its_budget(tmp_path, saved_backbone, tiny_task, slowed):
-    slowed.update(after=60, then=0.09)  # three times slower once the grid has begun
+    slowed.update(after=40, then=0.09)  # three times slower once the grid has begun
     start = time.perf_counter()
-    assert main(sweep_argv(tiny_task, saved_backbone, tmp_path, "30s")) == 0
-    assert time.perf_counter() - start <= 1.1 * 30
+    assert main(sweep_argv(tiny_task, saved_backbone, tmp_path, "20s")) == 0
+    assert time.perf_counter() - start <= 1.1 * 20
     timing = json.loads((tmp_path / "sweep.json").read_text())["timing"]
-    assert timing["replans"], timing  # it saw the change and re-planned
+    cut = ("shortened", "stopped", "not run")
+    assert any(word in event for event in timing["replans"] for word in cut), timing  # it saw the change
     assert (tmp_path / "best" / "vptune.json").is_file()
 
 

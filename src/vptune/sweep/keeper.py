@@ -10,6 +10,7 @@ least one epoch, at most twice the plan's), and after each of its epochs it is s
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -180,7 +181,7 @@ class Timekeeper:
 
     def _note(self, event: str) -> None:
         self.events.append(event)
-        tqdm.write(f"re-planned: {event}")
+        tqdm.write(f"re-planned: {event}", file=sys.stderr)
 
     def _speed(self):
         return self.plan.speed if self.plan else None
