@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from .config import check_fields, option
@@ -23,6 +23,7 @@ from .methods import get_method
 from .model import TaskModel
 from .preprocessing import DataError, Preprocessing
 from .prototypes import init_from_tokens
+from .trunk_memory import active_memory, image_keys
 
 METRICS = "metrics.jsonl"
 WARMUP_SHARE = 0.1  # the paper: 10 warmup epochs of 100
@@ -303,9 +304,30 @@ def cache_point(model: TaskModel, train: Dataset, config: TrainConfig) -> int:
     return model.cache_point()
 
 
-@torch.no_grad()
 def cache_dataset(model: TaskModel, dataset: Dataset, point: int, config: TrainConfig, device) -> TensorDataset:
-    """Run every image once through the frozen stretch before ``point``; keep the outputs (on the CPU)."""
+    """Run every image once through the frozen stretch before ``point``; keep the outputs (on the CPU). Inside
+    :func:`~vptune.trunk_memory.keep_trunk_outputs`, an image whose output an earlier run computed is read back."""
+    memory = active_memory()
+    keys = None
+    if memory is not None:
+        keys = image_keys(dataset, (model.backbone.fingerprint(), point, config.precision, str(device)))
+    if memory is None or keys is None:
+        return TensorDataset(*_trunk_outputs(model, dataset, config, point, device))
+    rows = [memory.get(key) for key in keys]
+    missing = [index for index, row in enumerate(rows) if row is None]
+    if missing:
+        computed, _ = _trunk_outputs(model, Subset(dataset, missing), config, point, device)
+        memory.keep([keys[index] for index in missing], computed)
+        for index, output in zip(missing, computed, strict=True):
+            rows[index] = output
+    labels = torch.as_tensor(dataset.labels, dtype=torch.long)
+    return TensorDataset(torch.stack(rows) if rows else torch.empty(0), labels)
+
+
+@torch.no_grad()
+def _trunk_outputs(
+    model: TaskModel, dataset: Dataset, config: TrainConfig, point: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     stage, outputs, labels = Stage(model), [], []
     loader = DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False)
     model.eval()
@@ -314,7 +336,7 @@ def cache_dataset(model: TaskModel, dataset: Dataset, point: int, config: TrainC
         with autocast(device, config.precision):
             outputs.append(model.trunk(images, point).float().cpu())
         labels.append(targets.cpu())
-    return TensorDataset(torch.cat(outputs), torch.cat(labels))
+    return torch.cat(outputs), torch.cat(labels)
 
 
 def make_optimizer(model: TaskModel, config: TrainConfig) -> torch.optim.Optimizer:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from .timing import Costs, Sizes, TimePlan, duration, epoch_seconds, final_seconds, report_seconds, run_setup
+from .timing import Costs, Sizes, TimePlan, duration, epoch_seconds, report_seconds, run_setup
 
 MAX_FINAL_STRETCH = 2  # a final run may get up to this many times the plan's epochs when the grid ends early
 WINDOW = 4  # the speed against the plan is measured over this many last epochs
@@ -52,8 +52,10 @@ class Timekeeper:
         self.slow = 1.0  # measured / planned seconds over the last WINDOW epochs
         self.recent: deque[tuple[float, float]] = deque(maxlen=WINDOW)
         self.events: list[str] = []
-        self.mark, self.expected, self.first, self.setup = start, 0.0, False, 0.0
-        self.overhead = 0.0  # what a run's first epoch took beyond its plan: set-up the estimate does not see
+        self.mark, self.expected, self.first, self.planned = start, 0.0, False, (0.0, 0.0)
+        self.before = "none"  # the runs set up so far: none, a grid run, a final run (whose trunk outputs are kept)
+        self.overhead = 0.0  # what a run's set-up took beyond its plan (seconds): what the estimate does not see
+        self.trunk = 1.0  # measured / planned seconds of the images a set-up ran through the cached trunk
         self.final_length: int | None = None
         self.estimate = (plan.probe_seconds if plan else 0.0) + costs.total
         bar = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}"
@@ -69,7 +71,7 @@ class Timekeeper:
             self._begin(False)
             return True
         rung = plan.budget.halving.min_epochs if plan.budget.halving else plan.schedule.epochs
-        need = self.slow * (self._setup(False) + rung * self._epoch(False))
+        need = self._setup(False) + self.slow * rung * self._epoch(False)
         if self.clock() + need > self._grid_end():
             self._note(f"setting {_name(entry)} not run: it would not reach epoch {rung} in the time left")
             return False
@@ -89,8 +91,9 @@ class Timekeeper:
     def _grid_end(self) -> float:
         """When the grid must end: the final run (its planned length) and the report after it, at today's speed."""
         assert self.deadline is not None and self.plan is not None
-        final = final_seconds(self.plan.speed, self.sizes, self.plan.schedule.steps(True))
-        return self.deadline - self.slow * (final + report_seconds(self.plan.speed, self.sizes))
+        steps = self.plan.schedule.steps(True) * self.plan.speed.step
+        final = self._setup(True, "grid") + self.slow * (steps + self._test()) + self._report()
+        return self.deadline - final
 
     # --- the final run ----------------------------------------------------------------------------------------
 
@@ -100,8 +103,8 @@ class Timekeeper:
         self._begin(True)
         if self.deadline is None:
             return planned
-        fixed = self._setup(True) + self.sizes.test * self._speed().score + self._report()
-        left = self.deadline - self.clock() - self.slow * fixed
+        fixed = self._setup(True) + self.slow * self._test() + self._report()
+        left = self.deadline - self.clock() - fixed
         epochs = max(1, min(MAX_FINAL_STRETCH * planned, math.floor(left / (self.slow * self._epoch(True)))))
         if epochs != planned:
             self._note(f"final run: {epochs} epochs instead of {planned}, from the {duration(max(0, left))} left")
@@ -114,7 +117,7 @@ class Timekeeper:
         if self.deadline is None:
             return None
         length = min(epochs, self.final_length or epochs)
-        after = self.slow * (self.sizes.test * self._speed().score + self._report())
+        after = self.slow * self._test() + self._report()
         left = self.deadline - self.clock() - after
         possible = max(
             metrics["epoch"], metrics["epoch"] + math.floor(max(0.0, left) / (self.slow * self._epoch(True)))
@@ -155,14 +158,21 @@ class Timekeeper:
     def _begin(self, final: bool) -> None:
         """A run starts: its set-up and first epoch are what the next measurement covers."""
         self.mark, self.first = self.clock(), True
-        self.setup, self.expected = self._setup(final, with_overhead=False), self._epoch(final)
+        self.planned, self.expected = self._planned_setup(final, self.before), self._epoch(final)
+        self.before = "final" if final else ("grid" if self.before == "none" else self.before)
 
     def _measured(self, final: bool) -> None:
-        """An epoch ended: the speed against the plan from it; after a run's first epoch, the set-up it took beyond
-        the plan instead (every later run is expected to take it too)."""
+        """An epoch ended: the speed against the plan from it; after a run's first epoch, its set-up against the
+        plan's instead: the seconds per image of a set-up through the cached trunk, else the seconds beyond the plan
+        (every later run is expected to take them too)."""
         now = self.clock()
         if self.first and self.expected > 0:
-            self.overhead = max(0.0, now - self.mark - self.slow * (self.setup + self.expected))
+            fixed, trunk = self.planned
+            spent = now - self.mark - self.slow * (self.expected + fixed)
+            if trunk > 0:
+                self.trunk = max(0.25, spent / trunk)
+            else:
+                self.overhead = max(0.0, spent)
         elif self.expected > 0:
             self.recent.append((now - self.mark, self.expected))
             self.slow = max(0.05, sum(m for m, _ in self.recent) / sum(e for _, e in self.recent))
@@ -183,15 +193,15 @@ class Timekeeper:
         self.events.append(event)
         tqdm.write(f"re-planned: {event}", file=sys.stderr)
 
-    def _speed(self):
-        return self.plan.speed if self.plan else None
+    def _planned_setup(self, final: bool, before: str) -> tuple[float, float]:
+        """A run's set-up as planned: (model and images, cached trunk) seconds."""
+        return run_setup(self.plan.speed, self.sizes, final, before) if self.plan else (0.0, 0.0)
 
-    def _setup(self, final: bool, with_overhead: bool = True) -> float:
-        """A run's set-up in planned seconds: its images decoded (and cached), and what runs took beyond that."""
-        if self.plan is None:
-            return 0.0
-        images = self.sizes.trainval + self.sizes.test if final else self.sizes.train + self.sizes.val
-        return run_setup(self.plan.speed, images) + (self.overhead / self.slow if with_overhead else 0.0)
+    def _setup(self, final: bool, before: str | None = None) -> float:
+        """A run's set-up in seconds at the speed measured so far, given the runs set up ``before`` it (default:
+        those so far)."""
+        fixed, trunk = self._planned_setup(final, before or self.before)
+        return self.slow * fixed + self.overhead + self.trunk * trunk
 
     def _epoch(self, final: bool) -> float:
         if self.plan is None:
@@ -199,8 +209,16 @@ class Timekeeper:
         scored = 0 if final else self.sizes.val
         return epoch_seconds(self.plan.speed, self.plan.schedule.per_epoch(final), scored)
 
+    def _test(self) -> float:
+        """The final run's scoring of test, in planned seconds."""
+        return self.sizes.test * self.plan.speed.score if self.plan else 0.0
+
     def _report(self) -> float:
-        return report_seconds(self.plan.speed, self.sizes) if self.plan else 0.0
+        """The report in seconds at the speed measured so far."""
+        if self.plan is None:
+            return 0.0
+        fixed, trunk = report_seconds(self.plan.speed, self.sizes)
+        return self.slow * fixed + self.trunk * trunk
 
 
 def _name(entry: dict) -> str:

@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import load_split, open_task
-from ..engine import NonFiniteOutput, Stage, autocast, resolve_device
+from ..engine import NonFiniteOutput, Stage, TrainConfig, autocast, cache_dataset, resolve_device
 from ..files import write_atomic, write_json
 from ..model import TaskModel
 from ..taskfile import RECORD, load_task, read_record
+from ..trunk_memory import active_memory
 from .selection import COLLAPSE_MARGIN
 
 BEST_FOLDER = "best"
@@ -127,8 +128,14 @@ def copy_folder(source: Path, target: Path) -> None:
 @torch.no_grad()
 def predict_split(model: TaskModel, dataset: Dataset, batch_size: int = 256) -> tuple[list[int], list[int]]:
     """Every sample's true and predicted class (argmax of the logits), in the dataset's order, on the model's
-    device and at the precision training evaluates with."""
-    stage, device = Stage(model), next(model.parameters()).device
+    device and at the precision training evaluates with. Inside :func:`~vptune.trunk_memory.keep_trunk_outputs`
+    (a sweep), the frozen trunk's outputs the final run computed for these images are read back, not recomputed."""
+    device = next(model.parameters()).device
+    point = model.cache_point() if active_memory() is not None else 0
+    if point:
+        config = TrainConfig(eval_batch_size=batch_size, precision="auto", progress=False)
+        dataset = cache_dataset(model, dataset, point, config, device)
+    stage = Stage(model, point)
     model.eval()
     labels, predictions = [], []
     for inputs, targets in stage.batches(DataLoader(dataset, batch_size=batch_size, shuffle=False), device):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..files import write_atomic, write_json
 from ..runs import canonical_entry
+from ..trunk_memory import keep_trunk_outputs
 from .execute import execute as execute_one
 from .executors import Executor, run_locally
 from .halving import run_halving
@@ -53,7 +54,7 @@ def run_sweep(
     _check_executor(plan, execute, keeper)
     if keeper is not None:
         progress = _also(progress, keeper)
-    with locked(out):
+    with locked(out), keep_trunk_outputs():
         grid = _run_grid(plan, out, execute, progress, keeper)
         choice = choose(grid) if grid else plan.settings[0]
         finals = _run_finals(plan.final_runs(choice), out, execute, progress, keeper)

@@ -30,6 +30,8 @@ from ..engine import Splits, cache_point
 from ..loop import fit
 from ..methods import get_method
 from ..runs import RunSpec, build_run
+from ..trunk_memory import MAX_BYTES as MAX_KEPT_BYTES
+from ..trunk_memory import keep_trunk_outputs
 from .plan import Budget, Halving, SweepPlan, plan_sweep
 
 LADDER = (224, 168, 112, 84, 56)  # input sizes a time budget chooses from (multiples of 14 and 16's 112, 224)
@@ -67,7 +69,8 @@ def duration(seconds: float) -> str:
 class Speed:
     """What a run costs on this machine for one method, backbone and input size, in seconds: a model built, an
     image decoded, an image through the cached trunk (0 without a cache), a training step of ``batch_size`` images,
-    an image scored through the training stage, an image scored through the whole model (the report)."""
+    an image scored through the training stage, an image scored through the whole model (the report); and the bytes
+    of one image's kept trunk output (0 without a cache)."""
 
     image_size: int
     batch_size: int
@@ -77,6 +80,7 @@ class Speed:
     step: float
     score: float
     forward: float
+    kept_bytes: float = 0.0
 
     def scaled(self, image_size: int) -> Speed:
         """An estimate at another input size: costs that grow with the image's pixels scaled by their ratio."""
@@ -84,6 +88,7 @@ class Speed:
         return dataclasses.replace(
             self, image_size=image_size, cache=self.cache * ratio, step=self.step * ratio,
             score=self.score * ratio if not self.cache else self.score, forward=self.forward * ratio,
+            kept_bytes=self.kept_bytes * ratio,  # a token grid grows with the pixels (pooled features do not)
         )  # fmt: skip
 
 
@@ -100,6 +105,11 @@ class Sizes:
     def of(cls, data: str) -> Sizes:
         task = open_task(data)
         return cls(*(len(read_split(task, split)) for split in ("train", "val", "trainval", "test")))
+
+    @property
+    def beyond(self) -> int:
+        """Images of train + val that neither train nor val holds (0 where train + val is their union)."""
+        return max(0, self.trainval - self.train - self.val)
 
 
 def measure(spec: RunSpec, steps: int = PROBE_STEPS, clock: Callable[[], float] = time.perf_counter) -> Speed:
@@ -119,7 +129,8 @@ def measure(spec: RunSpec, steps: int = PROBE_STEPS, clock: Callable[[], float] 
     val = ImageDataset(val_items, model.preprocessing)
     decoded = clock()
     cached = bool(cache_point(model, train, config))
-    metrics = fit(model, Splits(train, val), config)
+    with keep_trunk_outputs() as memory:
+        metrics = fit(model, Splits(train, val), config)
     done = clock()
     step = metrics["seconds"] / min(steps, math.ceil(len(train) / batch))
     score = metrics["val_seconds"] / max(1, len(val))
@@ -127,7 +138,7 @@ def measure(spec: RunSpec, steps: int = PROBE_STEPS, clock: Callable[[], float] 
     return Speed(
         image_size=model.image_size, batch_size=batch, build=built - start,
         decode=(decoded - built) / max(1, len(train) + len(val)), cache=cache if cached else 0.0, step=step,
-        score=score, forward=cache + score if cached else score,
+        score=score, forward=cache + score if cached else score, kept_bytes=memory.bytes_per_output,
     )  # fmt: skip
 
 
@@ -165,16 +176,19 @@ def price(
 ) -> Costs:
     """What a sweep of ``settings`` grid settings (none scored when 1) and ``seeds`` final runs should take: a
     setting that successive halving stops trains to its first rung, and one in ``REDUCTION`` goes on (the first
-    always)."""
-    grid = 0.0
+    always). Where the runs keep the trunk's outputs (:func:`kept`), only the first run to see an image caches it."""
+    grid, before = 0.0, "none"
     if settings > 1:
-        setup = run_setup(speed, sizes.train + sizes.val)
         epoch = epoch_seconds(speed, schedule.per_epoch(False), sizes.val)
         rung = halving.min_epochs if halving else schedule.epochs
         going_on = 1 + round((settings - 1) / REDUCTION) if halving else settings
-        grid = settings * (setup + rung * epoch) + going_on * (schedule.epochs - rung) * epoch
-    final = seeds * final_seconds(speed, sizes, schedule.steps(True))
-    return Costs(grid, final, report_seconds(speed, sizes))
+        setups = sum(sum(run_setup(speed, sizes, False, "grid" if k else "none")) for k in range(settings))
+        grid = setups + settings * rung * epoch + going_on * (schedule.epochs - rung) * epoch
+        before = "grid"
+    final = sum(
+        final_seconds(speed, sizes, schedule.steps(True), before if seed == 0 else "final") for seed in range(seeds)
+    )
+    return Costs(grid, final, sum(report_seconds(speed, sizes)))
 
 
 def estimate(plan: SweepPlan, speed: Speed, sizes: Sizes) -> Costs:
@@ -185,23 +199,39 @@ def estimate(plan: SweepPlan, speed: Speed, sizes: Sizes) -> Costs:
     return price(speed, sizes, schedule, len(plan.grid_runs()) or 1, budget.halving, plan.seeds)
 
 
-def run_setup(speed: Speed, images: int) -> float:
-    """A run's seconds before its first step: the model built, its images decoded and (if so) cached."""
-    return speed.build + images * (speed.decode + speed.cache)
+def kept(speed: Speed, sizes: Sizes) -> bool:
+    """Whether the sweep's runs read back each other's trunk outputs (:mod:`vptune.trunk_memory`): a cached trunk
+    whose outputs for every split fit the memory."""
+    images = sizes.train + sizes.val + sizes.beyond + sizes.test
+    return speed.cache > 0 and images * speed.kept_bytes <= MAX_KEPT_BYTES
+
+
+def run_setup(speed: Speed, sizes: Sizes, final: bool, before: str) -> tuple[float, float]:
+    """A run's seconds before its first step, in two parts: the model built and its images decoded, and its images
+    through the cached trunk (0 without a cache). ``before``: the runs set up earlier in the sweep (``"none"``,
+    ``"grid"``: a grid run, ``"final"``: a final run), whose trunk outputs this run reads back where they are kept."""
+    images = sizes.trainval + sizes.test if final else sizes.train + sizes.val
+    cached = images
+    if kept(speed, sizes):
+        new = {"none": images, "grid": sizes.beyond + sizes.test if final else 0, "final": 0}
+        cached = new[before]
+    return speed.build + images * speed.decode, cached * speed.cache
 
 
 def epoch_seconds(speed: Speed, steps: int, scored: int) -> float:
     return steps * speed.step + scored * speed.score
 
 
-def final_seconds(speed: Speed, sizes: Sizes, steps: int) -> float:
+def final_seconds(speed: Speed, sizes: Sizes, steps: int, before: str) -> float:
     """The final run: set up on train + val and test, ``steps`` steps, test scored once."""
-    return run_setup(speed, sizes.trainval + sizes.test) + steps * speed.step + sizes.test * speed.score
+    return sum(run_setup(speed, sizes, True, before)) + steps * speed.step + sizes.test * speed.score
 
 
-def report_seconds(speed: Speed, sizes: Sizes) -> float:
-    """The report: ``best/`` loaded and scored on test through the whole model, the figures."""
-    return speed.build + sizes.test * (speed.decode + speed.forward) + REPORT_SECONDS
+def report_seconds(speed: Speed, sizes: Sizes) -> tuple[float, float]:
+    """The report: ``best/`` loaded and scored on test through the whole model (reading back the final run's trunk
+    outputs where they are kept), the figures; in two parts as :func:`run_setup`'s."""
+    fixed = speed.build + sizes.test * (speed.decode + speed.forward - speed.cache) + REPORT_SECONDS
+    return fixed, 0.0 if kept(speed, sizes) else sizes.test * speed.cache
 
 
 @dataclass(frozen=True)
