@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 import vptune.loop
 import vptune.runs
+import vptune.sweep.timing
 from vptune import TrainConfig
 from vptune.cli import main
 from vptune.methods import get_method
@@ -371,3 +373,54 @@ def test_every_method_gets_a_plan(method: str, saved_backbone, tiny_task) -> Non
     assert entry["run"]["train"]["epochs"] == plan.schedule.epochs
     if get_method(method)[0].head_only:  # the cached trunk: steps cost next to nothing
         assert plan.speed.cache > 0 and plan.speed.step < plan.speed.cache * plan.speed.batch_size
+
+
+def test_a_recorded_plan_is_planned_again_without_measuring(saved_backbone, tiny_task, monkeypatch) -> None:
+    torch.set_num_threads(1)
+    sweep, plan = time_plan(str(tiny_task), "vpt-deep", saved_backbone, 300)
+    assert plan.measured and plan.speed in plan.measured
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a replayed plan measures nothing")
+
+    monkeypatch.setattr(vptune.sweep.timing, "measure", no_measuring)
+    record = json.loads(json.dumps(plan.record()))  # as written to time-plan.json and read back
+    again_sweep, again = time_plan(str(tiny_task), "vpt-deep", saved_backbone, 300, replay=record)
+    assert (again.budget, again.lrs, again.schedule, again.costs) == (plan.budget, plan.lrs, plan.schedule, plan.costs)
+    assert again_sweep.grid_runs() == sweep.grid_runs()
+
+
+def test_an_interrupted_time_budget_sweep_resumes_its_plan(tmp_path, saved_backbone, tiny_task, capsys, monkeypatch):
+    """Run again with the same command after an interruption (here: a grid run's and the final run's results lost),
+    the sweep plans from the recorded measurements, keeps the runs written and trains only what is missing."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(vptune.sweep.timing, "MIN_STEPS", 4)  # a grid of five settings within 10 s
+    monkeypatch.setattr(Timekeeper, "grid_may_start", lambda self, entry: self._begin(False) or True)
+    monkeypatch.setattr(Timekeeper, "grid_epoch", lambda *args: False)  # the grid as planned: no setting skipped
+    argv = sweep_argv(tiny_task, saved_backbone, tmp_path, "10s")
+    assert main(argv) == 0
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    grid = [path for path in runs if json.loads(path.read_text())["entry"]["stage"] == "grid"]
+    final = [path for path in runs if json.loads(path.read_text())["entry"]["stage"] == "final"]
+    assert len(final) == 1 and len(grid) > 1
+    trained: list[float] = []
+    real = vptune.runs.fit
+
+    def counted(model, data, config, *args, **kwargs):
+        trained.append(config.base_lr)
+        return real(model, data, config, *args, **kwargs)
+
+    monkeypatch.setattr(vptune.runs, "fit", counted)
+    capsys.readouterr()
+    assert main(argv) == 0  # nothing lost: nothing trained again, whatever length the final run was given
+    assert trained == [] and "resuming the plan" in capsys.readouterr().err
+    lost_grid = json.loads(grid[0].read_text())["entry"]
+    for path in (grid[0], final[0]):
+        path.unlink()
+    shutil.rmtree(tmp_path / "tasks")
+    assert main(argv) == 0
+    assert len(trained) == 2 and trained[0] == lost_grid["run"]["train"]["base_lr"]
+    assert (tmp_path / "best" / "weights.safetensors").is_file()
+    capsys.readouterr()
+    assert main(sweep_argv(tiny_task, saved_backbone, tmp_path, "12s")) == 0  # another budget: measured, planned anew
+    assert "resuming the plan" not in capsys.readouterr().err

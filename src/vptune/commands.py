@@ -31,7 +31,18 @@ from .serve import ServeConfig, serve_folders
 from .sweep import SUMMARY_FILE, get_budget, make_executor, plan_sweep, run_sweep
 from .sweep.keeper import Timekeeper
 from .sweep.report import BEST_FOLDER, REPORT_FILE
-from .sweep.timing import Sizes, describe, duration, estimate, measure, parse_duration, time_plan
+from .sweep.timing import (
+    TIME_PLAN_FILE,
+    Sizes,
+    describe,
+    duration,
+    estimate,
+    measure,
+    parse_duration,
+    read_time_plan,
+    time_plan,
+    write_time_plan,
+)
 from .taskfile import check_task, load_task, push_task, read_record
 
 
@@ -191,8 +202,18 @@ def sweep(args: argparse.Namespace) -> int:
     sizes = Sizes.of(str(task.root))
     if seconds is not None:
         lrs = tuple(args.base_lr) if args.base_lr else None
-        plan, timed = time_plan(str(task.root), args.method, args.backbone, seconds, args.image_size, lrs)
+        inputs = {
+            "data": str(task.root), "sizes": dataclasses.asdict(sizes), "method": args.method,
+            "backbone": args.backbone, "seconds": seconds, "image_size": args.image_size, "lrs": lrs and list(lrs),
+        }  # fmt: skip
+        replay = read_time_plan(args.out, inputs)
+        if replay is not None:
+            _tell(f"resuming the plan in {Path(args.out) / TIME_PLAN_FILE}: its measurements, and the runs written")
+        plan, timed = time_plan(str(task.root), args.method, args.backbone, seconds, args.image_size, lrs,
+                                replay=replay)  # fmt: skip
         text, costs = describe(timed, sizes, args.method), timed.costs
+        if not args.dry_run:
+            write_time_plan(args.out, inputs, timed)
     else:
         timed = None
         plan = plan_sweep(

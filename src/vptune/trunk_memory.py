@@ -18,7 +18,17 @@ from contextlib import contextmanager
 
 import torch
 
-MAX_BYTES = 4 * 1024**3  # kept outputs at most; beyond it a run computes what does not fit, as without the memory
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return 16 * 1024**3
+
+
+# kept outputs at most (4 GiB, or a quarter of this machine's memory if less); beyond it a run computes what does not
+# fit, as without the memory
+MAX_BYTES = min(4 * 1024**3, _physical_memory() // 4)
 
 Key = tuple
 

@@ -46,6 +46,9 @@ def run_sweep(
             a budget with ``halving`` runs its grid here one by one (:mod:`.halving`), so it needs ``run_locally``.
         progress: called with each finished run's result (e.g. to update a progress bar).
         report: write ``best/`` and the report (scores ``best/`` on test once more); a bench leaves it out.
+
+    The runs done here (and the report) share one :func:`~vptune.trunk_memory.keep_trunk_outputs`: an image goes
+    through a cached frozen trunk once in the whole sweep (a head-only method's grid settings, final run and report).
         keeper: the sweep's clock (:class:`~vptune.sweep.keeper.Timekeeper`): the progress bar with the time left,
             and for a time budget the re-planning that keeps to it (local runs only); its record lands in
             ``sweep.json`` and the report.
@@ -134,17 +137,31 @@ def _run_finals(entries: list[dict], out: Path, execute: Executor, progress, kee
         return _run_all(entries, out, execute, progress)
     results = []
     for entry in entries:
-        epochs = keeper.final_epochs(entry)
-        entry = {**entry, "run": {**entry["run"], "train": {**entry["run"]["train"], "epochs": epochs}}}
-        previous = _read_result(out, entry)
+        previous = _read_result(out, _at_recorded_length(out, entry))  # finished at the length it was given then
         if previous is None:
-            hook = functools.partial(keeper.final_epoch, epochs=epochs)
-            previous = execute_one({**entry, "save": _task_folder(out, entry)}, hook)
+            epochs = keeper.final_epochs(entry)
+            entry = _at_length(entry, epochs)
+            previous = execute_one({**entry, "save": _task_folder(out, entry)}, functools.partial(
+                keeper.final_epoch, epochs=epochs))  # fmt: skip
             _record(out, progress, entry, previous)
         else:
             _resumed(progress, entry, previous)
         results.append(previous)
     return results
+
+
+def _at_length(entry: dict, epochs: int) -> dict:
+    return {**entry, "run": {**entry["run"], "train": {**entry["run"]["train"], "epochs": epochs}}}
+
+
+def _at_recorded_length(out: Path, entry: dict) -> dict:
+    """A time budget's final run ``entry`` at the length recorded for it in ``runs/<id>.json`` (the keeper sets a final
+    run's length from the time left), or as it is."""
+    try:
+        recorded = json.loads((out / "runs" / f"{entry['id']}.json").read_text())["entry"]["run"]["train"]["epochs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return entry
+    return _at_length(entry, recorded) if isinstance(recorded, int) else entry
 
 
 def _also(progress, keeper: Timekeeper) -> Callable[[dict], None]:

@@ -19,14 +19,18 @@ Three parts:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..data import ImageDataset, open_task, read_split
 from ..engine import Splits, cache_point
+from ..files import write_json
 from ..loop import fit
 from ..methods import get_method
 from ..runs import RunSpec, build_run
@@ -44,6 +48,7 @@ SAFETY = 0.95  # the plan fills this share of the budget; the rest absorbs what 
 BATCH = 32
 WEIGHT_DECAY = 1e-4
 PROBE_STEPS = 3
+TIME_PLAN_FILE = "time-plan.json"
 REPORT_SECONDS = 3.0  # the report's figures and files, beyond scoring best/ on test
 
 
@@ -247,6 +252,7 @@ class TimePlan:
     centre: float
     probe_seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    measured: tuple[Speed, ...] = ()  # every speed measured while planning (a resumed sweep plans from them again)
 
     @property
     def estimate(self) -> float:
@@ -262,6 +268,7 @@ class TimePlan:
             "halving": dataclasses.asdict(self.budget.halving) if self.budget.halving else None,
             "estimate": {"probe": self.probe_seconds, **dataclasses.asdict(self.costs), "total": self.estimate},
             "speed": dataclasses.asdict(self.speed), "notes": list(self.notes),
+            "measured": [dataclasses.asdict(speed) for speed in self.measured],
         }  # fmt: skip
 
 
@@ -409,11 +416,13 @@ def time_plan(
     image_size: int | None = None,
     lrs: tuple[float, ...] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    replay: dict | None = None,
 ) -> tuple[SweepPlan, TimePlan]:
     """Measure this machine's speed and plan a sweep that fits ``seconds``: the :class:`SweepPlan` to run and the
-    :class:`TimePlan` it came from (what the keeper holds it to)."""
+    :class:`TimePlan` it came from (what the keeper holds it to). ``replay``: an earlier plan's record
+    (:meth:`TimePlan.record`) whose measurements to plan from instead of measuring: the same plan again."""
     start, sizes = clock(), Sizes.of(data)
-    measured: dict[int, Speed] = {}
+    measured = {speed.image_size: speed for speed in _recorded_speeds(replay)}
 
     def probe(size: int) -> Speed:
         spec = plan_sweep(data, method, _probe_budget(size), backbone).spec("grid", _first(), 0)
@@ -423,16 +432,48 @@ def time_plan(
     def speed_at(size: int) -> Speed:
         if size in measured:
             return measured[size]
-        nearest = min(measured, key=lambda known: abs(known - size)) if measured else None
+        nearest = min(measured, key=lambda known: (abs(known - size), -known)) if measured else None  # ties: larger
         return measured[nearest].scaled(size) if nearest else probe(size).scaled(size)
 
-    probe(image_size or 112)
-    plan = plan_time(seconds, sizes, speed_at, method, image_size, lrs, spent=clock() - start)
+    def spent() -> float:
+        return replay["estimate"]["probe"] if replay else clock() - start
+
+    if not measured:
+        probe(image_size or 112)
+    plan = plan_time(seconds, sizes, speed_at, method, image_size, lrs, spent=spent())
     while plan.budget.image_size not in measured:  # chosen from a scaled estimate: measure it, plan again
         probe(plan.budget.image_size)
-        plan = plan_time(seconds, sizes, speed_at, method, image_size, lrs, spent=clock() - start)
+        plan = plan_time(seconds, sizes, speed_at, method, image_size, lrs, spent=spent())
+    plan = dataclasses.replace(plan, measured=tuple(measured.values()))
     sweep = plan_sweep(data, method, plan.budget, backbone, lrs=plan.lrs, seeds=1)
     return sweep, plan
+
+
+def read_time_plan(out: str | os.PathLike, inputs: dict) -> dict | None:
+    """The plan recorded in ``<out>/time-plan.json`` by an earlier command with these very ``inputs`` (data, its
+    sizes, method, backbone, budget, options), if any: a rerun after an interruption plans from its measurements,
+    so the runs already written are the plan's runs and are kept."""
+    path = Path(out) / TIME_PLAN_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # none, or a torn write: plan anew
+        return None
+    return recorded.get("plan") if isinstance(recorded, dict) and recorded.get("inputs") == inputs else None
+
+
+def write_time_plan(out: str | os.PathLike, inputs: dict, plan: TimePlan) -> None:
+    """Record ``plan`` and what it was made for in ``<out>/time-plan.json`` (before training)."""
+    write_json(Path(out) / TIME_PLAN_FILE, {"inputs": inputs, "plan": plan.record()})
+
+
+def _recorded_speeds(record: dict | None) -> list[Speed]:
+    """The speeds a plan's record holds (none: nothing recorded)."""
+    if not record:
+        return []
+    try:
+        return [Speed(**speed) for speed in record["measured"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"a recorded time plan without its measurements ({error}): delete it to plan anew") from None
 
 
 def _probe_budget(size: int) -> Budget:
