@@ -80,7 +80,7 @@ BUDGETS: dict[str, Budget] = {
         sgd_lrs=(0.4, 0.2, 0.1, 0.05, 0.025), head_only_lrs=(1.6, 0.8, 0.4, 0.2, 0.1),
         adamw_lrs=(0.001, 0.0005, 0.00025), wds=(0.0001,), halving=Halving(min_epochs=2, reduction_factor=3),
         note="one method on your own dataset of a few thousand images on a CPU (2 cores, eurosat's 800 train, 200 val, "
-        "2000 test images: vpt-deep 19.5 minutes, linear 5): 112x112 input, "
+        "2000 test images: vpt-deep 19.5 minutes, linear 1.6): 112x112 input, "
         "6 epochs (a tenth warmup), batch 32, 1 seed; grid x wd {1e-4}: base lr {1.6, 0.8, 0.4, 0.2, 0.1} for "
         "methods that train only a head (linear, mlp-k), {0.4, 0.2, 0.1, 0.05, 0.025} for the other SGD methods, "
         "AdamW {0.001, 0.0005, 0.00025}; successive halving (needs optuna: pip install 'vptune[tune]') stops a "
