@@ -52,7 +52,7 @@ def test_an_image_goes_through_the_trunk_once(linear) -> None:
     assert again.tensors[1].tolist() == trainval.labels
 
 
-def test_what_an_output_depends_on_gives_a_new_computation(linear, saved_backbone, tiny_task, tmp_path) -> None:
+def test_what_an_output_depends_on_gives_a_new_computation(linear, saved_backbone) -> None:
     task, model = linear
     test = load_split(task, "test", model.preprocessing)
     other = vptune.build("linear", vptune.load_backbone(saved_backbone), task.num_classes, image_size=16)

@@ -137,7 +137,7 @@ def _run_finals(entries: list[dict], out: Path, execute: Executor, progress, kee
         return _run_all(entries, out, execute, progress)
     results = []
     for entry in entries:
-        previous = _read_result(out, _at_recorded_length(out, entry))  # finished at the length it was given then
+        previous = _finished_at_any_length(out, entry)
         if previous is None:
             epochs = keeper.final_epochs(entry)
             entry = _at_length(entry, epochs)
@@ -154,14 +154,15 @@ def _at_length(entry: dict, epochs: int) -> dict:
     return {**entry, "run": {**entry["run"], "train": {**entry["run"]["train"], "epochs": epochs}}}
 
 
-def _at_recorded_length(out: Path, entry: dict) -> dict:
-    """A time budget's final run ``entry`` at the length recorded for it in ``runs/<id>.json`` (the keeper sets a final
-    run's length from the time left), or as it is."""
+def _finished_at_any_length(out: Path, entry: dict) -> dict | None:
+    """A time budget's final run found written for ``entry`` at whatever length it was given then (the keeper sets a
+    final run's length from the time left)."""
+    result = _load_result(out, entry)
     try:
-        recorded = json.loads((out / "runs" / f"{entry['id']}.json").read_text())["entry"]["run"]["train"]["epochs"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return entry
-    return _at_length(entry, recorded) if isinstance(recorded, int) else entry
+        epochs = result["entry"]["run"]["train"]["epochs"] if result else None
+    except (KeyError, TypeError):
+        return None
+    return _matching(result, _at_length(entry, epochs)) if isinstance(epochs, int) else None
 
 
 def _also(progress, keeper: Timekeeper) -> Callable[[dict], None]:
@@ -210,12 +211,22 @@ def _task_folder(out: Path, entry: dict) -> str | None:
 def _read_result(out: Path, entry: dict) -> dict | None:
     """A finished run's result, if it was written for this very entry (a changed spec runs again; a method recorded
     under a named recipe's name counts as the method and options it stands for)."""
+    return _matching(_load_result(out, entry), entry)
+
+
+def _load_result(out: Path, entry: dict) -> dict | None:
+    """``runs/<id>.json`` as written (None: none, or a torn write from an interrupted run, which runs again)."""
     path = out / "runs" / f"{entry['id']}.json"
     if not path.is_file():
         return None
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return None  # a torn write from an interrupted run: run it again
-    recorded = result.get("entry")
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def _matching(result: dict | None, entry: dict) -> dict | None:
+    """``result`` if it was written for this very ``entry``."""
+    recorded = result.get("entry") if result else None
     return result if isinstance(recorded, dict) and canonical_entry(recorded) == entry else None

@@ -113,7 +113,7 @@ class Sizes:
 
     @property
     def beyond(self) -> int:
-        """Images of train + val that neither train nor val holds (0 where train + val is their union)."""
+        """Images of the train + val split that neither train nor val holds (0 where it is their union)."""
         return max(0, self.trainval - self.train - self.val)
 
 
